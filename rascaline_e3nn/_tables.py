@@ -1,0 +1,96 @@
+"""Helpers shared by both modules: flat tables, checks and sorting used in ``forward``."""
+
+from typing import List
+
+import torch
+from metatensor.torch import Labels, TensorBlock
+
+from ._conventions import basis_permutation, change_of_basis
+from ._plan import Layout
+
+
+def int_list(values: torch.Tensor) -> List[int]:
+    result: List[int] = values.reshape(-1).to(torch.int64).tolist()
+    return result
+
+
+def describe_key(names: List[str], values: torch.Tensor) -> str:
+    """``(name=value, ...)`` for one entry of a Labels."""
+    flat = int_list(values)
+    parts: List[str] = []
+    for i in range(len(names)):
+        parts.append(names[i] + "=" + str(flat[i]))
+    return "(" + ", ".join(parts) + ")"
+
+
+def lexsort(rows: torch.Tensor) -> torch.Tensor:
+    """Permutation sorting the rows of a 2-D integer tensor lexicographically."""
+    perm = torch.arange(rows.shape[0], device=rows.device)
+    for c in range(rows.shape[1] - 1, -1, -1):
+        _, idx = torch.sort(rows[:, c].index_select(0, perm), stable=True)
+        perm = perm.index_select(0, idx)
+    return perm
+
+
+def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.shape[0], device=perm.device)
+    return inv
+
+
+def basis_tables(layout: Layout):
+    """``[L+1, 2L+1, 2L+1]`` change-of-basis matrices (zero padded) and the l=1
+    permutation with its inverse."""
+    L = layout.max_l
+    basis = torch.zeros(L + 1, 2 * L + 1, 2 * L + 1, dtype=torch.float64)
+    for l in range(L + 1):
+        basis[l, : 2 * l + 1, : 2 * l + 1] = change_of_basis(l)
+    perm = basis_permutation(1)
+    inverse = [perm.index(i) for i in range(3)]
+    return basis, torch.tensor(perm), torch.tensor(inverse)
+
+
+def check_block(
+    block: TensorBlock,
+    l: int,
+    mu: torch.Tensor,
+    sample_names: List[str],
+    where: str,
+) -> None:
+    """Validate one input block against the layout (TorchScript-compatible)."""
+    components = block.components
+    if len(components) != 1 or components[0].names != ["o3_mu"]:
+        names: List[List[str]] = []
+        for c in components:
+            names.append(c.names)
+        raise ValueError(
+            "block " + where + " has components " + str(names)
+            + ", expected [['o3_mu']]"
+        )
+    n_mu = 2 * l + 1
+    values = components[0].values.reshape(-1)
+    L = (mu.shape[0] - 1) // 2
+    if values.shape[0] != n_mu or not torch.equal(
+        values, mu[L - l : L + l + 1].to(values.device)
+    ):
+        raise ValueError(
+            "block " + where + " has o3_mu components " + str(int_list(values))
+            + ", expected -" + str(l) + ".." + str(l) + " in increasing order"
+        )
+    if block.samples.names != sample_names:
+        raise ValueError(
+            "block " + where + " has samples " + str(block.samples.names)
+            + ", expected " + str(sample_names)
+        )
+    gradients = block.gradients_list()
+    if len(gradients) != 0:
+        raise ValueError(
+            "block " + where + " has gradients " + str(gradients)
+            + ": explicit gradient blocks are not converted; compute without "
+            + "`gradients=` and let featomic-torch's autograd integration "
+            + "propagate derivatives to positions and cell instead"
+        )
+
+
+def labels(names: List[str], values: torch.Tensor) -> Labels:
+    return Labels(names, values.to(torch.int32))

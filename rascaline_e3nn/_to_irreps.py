@@ -1,0 +1,436 @@
+"""``TensorMapToIrreps``: metatensor TensorMap -> flat e3nn tensor."""
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+from e3nn import o3
+from metatensor.torch import Labels, TensorMap
+
+from ._conventions import BASES, LAYOUTS, check_option
+from ._plan import Layout
+from ._tables import (
+    basis_tables,
+    check_block,
+    describe_key,
+    int_list,
+    inverse_permutation,
+    labels,
+    lexsort,
+)
+
+
+class TensorMapToIrreps(torch.nn.Module):
+    r"""Convert a :py:class:`~metatensor.torch.TensorMap` of spherical tensors (as
+    produced by featomic's ``SphericalExpansion``, ``LodeSphericalExpansion`` or
+    λ-SOAP) to a flat ``[n_rows, irreps_out.dim]`` tensor for e3nn.
+
+    The layout is planned once from the metadata of ``template``:
+
+    - one irrep per ``(o3_lambda, o3_sigma)``, with parity
+      ``p = o3_sigma * (-1) ** o3_lambda``, in e3nn's order;
+    - the ``row_keys`` key dimensions (default ``center_type``) move to rows, which are
+      the union of all blocks' samples in lexicographic order;
+    - every other key dimension (e.g. ``neighbor_type``) moves to channels, ordered by
+      (key values, then property entries), the union over the template's blocks;
+    - absent blocks and absent entries are zeros; keys are matched by value.
+
+    Parameters
+    ----------
+    template : TensorMap
+        Only its metadata (keys, components, properties, sample names) is read.
+    basis : {"e3nn", "featomic"}
+        ``"e3nn"`` rotates every l-segment into e3nn's spherical-harmonics basis
+        (a permutation for l <= 1, a dense matrix for l >= 2); ``"featomic"`` keeps
+        the values unchanged.
+    layout : {"mul_ir", "ir_mul"}
+        e3nn's ``[mul, 2l+1]`` segments or cuequivariance's ``[2l+1, mul]``.
+    row_keys : sequence of str, optional
+        Key dimensions moved to rows. Defaults to ``["center_type"]`` when present.
+    check : bool
+        Validate components and sample names of every block (cheap; default).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from metatensor.torch import Labels, TensorBlock, TensorMap
+    >>> def block(l, n_props):
+    ...     return TensorBlock(
+    ...         values=torch.arange(2 * (2 * l + 1) * n_props, dtype=torch.float64)
+    ...         .reshape(2, 2 * l + 1, n_props),
+    ...         samples=Labels(["system", "atom"], torch.tensor([[0, 0], [0, 1]])),
+    ...         components=[Labels(["o3_mu"], torch.arange(-l, l + 1).reshape(-1, 1))],
+    ...         properties=Labels(["n"], torch.arange(n_props).reshape(-1, 1)),
+    ...     )
+    >>> keys = Labels(["o3_lambda", "o3_sigma"], torch.tensor([[1, 1], [0, 1]]))
+    >>> tensor = TensorMap(keys, [block(1, 2), block(0, 3)])
+    >>> to_irreps = TensorMapToIrreps(tensor, basis="featomic")
+    >>> to_irreps
+    TensorMapToIrreps(3x0e+2x1o, basis=featomic, layout=mul_ir)
+    >>> x = to_irreps(tensor)
+    >>> x.shape
+    torch.Size([2, 9])
+    >>> x[0, 3:6]  # first l=1 channel: o3_mu = -1, 0, 1 of property n=0
+    tensor([0., 2., 4.], dtype=torch.float64)
+    >>> to_irreps.samples(tensor).names
+    ['system', 'atom']
+    """
+
+    _key_names: List[str]
+    _sample_names: List[str]
+    _row_key_names: List[str]
+    _block_l: List[int]
+    _block_group: List[int]
+    _block_prop_ptr: List[int]
+    _block_prop_dims: List[int]
+    _seg_l: List[int]
+    _piece_block: List[int]
+    _piece_start: List[int]
+    _piece_len: List[int]
+    _piece_ptr: List[int]
+
+    def __init__(
+        self,
+        template: TensorMap,
+        *,
+        basis: str = "e3nn",
+        layout: str = "mul_ir",
+        row_keys: Optional[Sequence[str]] = None,
+        check: bool = True,
+    ):
+        super().__init__()
+        self.basis = check_option("basis", basis, BASES)
+        self.layout = check_option("layout", layout, LAYOUTS)
+        plan = Layout.from_tensor_map(template, row_keys)
+        self._setup(plan, check)
+
+    def _setup(self, plan: Layout, check: bool) -> None:
+        self.plan = plan
+        self.irreps_out = plan.irreps_e3nn
+        self._e3nn_basis = self.basis == "e3nn"
+        self._channel_dim = 1 if self.layout == "mul_ir" else 2
+        self._check = check
+        self._dim = plan.dim
+
+        self._key_names = list(plan.key_names)
+        self._sample_names = list(plan.sample_names)
+        self._row_key_names = list(plan.row_key_names)
+        self._n_blocks = len(plan.blocks)
+        self._n_groups = len(plan.groups)
+        self._n_segments = len(plan.segments)
+
+        # template keys stay on the host: keys are matched there
+        self._keys_host = torch.tensor([b.key for b in plan.blocks], dtype=torch.int32)
+        self._block_l = [b.l for b in plan.blocks]
+        self._block_group = [b.group for b in plan.blocks]
+        ptr = [0]
+        dims: List[int] = []
+        for b in plan.blocks:
+            ptr.append(ptr[-1] + b.properties.numel())
+            dims.append(b.properties.shape[1])
+        self._block_prop_ptr = ptr
+        self._block_prop_dims = dims
+        props = torch.cat([b.properties.reshape(-1) for b in plan.blocks])
+        self.register_buffer("_props", props, persistent=False)
+
+        n_rows = len(plan.row_key_names)
+        groups = torch.tensor(plan.groups, dtype=torch.int32).reshape(-1, n_rows)
+        self.register_buffer("_group_keys", groups, persistent=False)
+
+        self._seg_l = [s.l for s in plan.segments]
+        piece_block: List[int] = []
+        piece_start: List[int] = []
+        piece_len: List[int] = []
+        piece_ptr = [0]
+        for g in range(len(plan.groups)):
+            for s in range(len(plan.segments)):
+                for t, j, n in plan.pieces(g, s):
+                    piece_block.append(t)
+                    piece_start.append(j)
+                    piece_len.append(n)
+                piece_ptr.append(len(piece_block))
+        self._piece_block = piece_block
+        self._piece_start = piece_start
+        self._piece_len = piece_len
+        self._piece_ptr = piece_ptr
+
+        basis_matrices, perm, inverse = basis_tables(plan)
+        self.register_buffer("_basis", basis_matrices, persistent=False)
+        self.register_buffer("_perm1", perm, persistent=False)
+        self.register_buffer("_perm1_inverse", inverse, persistent=False)
+        L = plan.max_l
+        self.register_buffer(
+            "_mu", torch.arange(-L, L + 1, dtype=torch.int32), persistent=False
+        )
+
+    # ------------------------------------------------------------------ metadata
+
+    @classmethod
+    def from_calculator(
+        cls,
+        calculator: torch.nn.Module,
+        atom_types: Sequence[int],
+        *,
+        basis: str = "e3nn",
+        layout: str = "mul_ir",
+        row_keys: Optional[Sequence[str]] = None,
+        check: bool = True,
+    ) -> "TensorMapToIrreps":
+        """The layout of a featomic-torch ``SphericalExpansion`` or
+        ``LodeSphericalExpansion`` for a batch containing every pair of
+        ``atom_types``, read from ``calculator.parameters`` without computing."""
+        from ._calculator import template_from_calculator
+
+        template = template_from_calculator(calculator, atom_types)
+        return cls(template, basis=basis, layout=layout, row_keys=row_keys, check=check)
+
+    @torch.jit.unused
+    def inverse(self):
+        """The :py:class:`IrrepsToTensorMap` undoing this conversion."""
+        from ._to_tensor_map import IrrepsToTensorMap
+
+        return IrrepsToTensorMap._from_plan(self.plan, basis=self.basis, layout=self.layout)
+
+    @torch.jit.unused
+    def keys(self) -> Labels:
+        """Keys of the planned layout (the template's keys)."""
+        return self.plan.keys()
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_out}, basis={self.basis}, layout={self.layout}"
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.extra_repr()})"
+
+    # ------------------------------------------------------------------ forward
+
+    def _match_keys(self, keys: Labels) -> List[int]:
+        names = keys.names
+        if len(names) != len(self._key_names):
+            raise ValueError(
+                "the input keys have dimensions " + str(names) + ", the layout expects "
+                + str(self._key_names)
+            )
+        columns: List[int] = []
+        for name in self._key_names:
+            if name not in names:
+                raise ValueError(
+                    "the input keys have dimensions " + str(names)
+                    + ", the layout expects " + str(self._key_names)
+                )
+            columns.append(names.index(name))
+        values = keys.values.to("cpu")[:, columns]
+        equal = (values.unsqueeze(1) == self._keys_host.unsqueeze(0)).all(dim=2)
+        found = equal.any(dim=1)
+        if not bool(found.all()):
+            missing = int(torch.nonzero(~found)[0, 0])
+            raise ValueError(
+                "block " + describe_key(self._key_names, values[missing])
+                + " is not in the layout planned from the template; build the module "
+                + "from a template (or calculator and atom_types) containing this key"
+            )
+        slots: List[int] = equal.to(torch.int32).argmax(dim=1).tolist()
+        return slots
+
+    def _collect(
+        self, tensor: TensorMap
+    ) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
+        """Values of every planned block (None where absent), expanded to the rows of
+        their group, and the samples of each group."""
+        slots = self._match_keys(tensor.keys)
+        blocks = tensor.blocks()
+        values: List[Optional[torch.Tensor]] = []
+        samples: List[Optional[torch.Tensor]] = []
+        for _ in range(self._n_blocks):
+            values.append(None)
+            samples.append(None)
+        for i in range(len(slots)):
+            t = slots[i]
+            block = blocks[i]
+            l = self._block_l[t]
+            if self._check:
+                where = describe_key(self._key_names, self._keys_host[t])
+                check_block(block, l, self._mu, self._sample_names, where)
+            value = block.values
+            if value.dim() != 3 or value.shape[1] != 2 * l + 1:
+                raise ValueError(
+                    "block " + describe_key(self._key_names, self._keys_host[t])
+                    + " has values of shape " + str(value.shape)
+                    + ", expected [samples, " + str(2 * l + 1) + ", properties]"
+                )
+            values[t] = self._match_properties(t, value, block.properties)
+            samples[t] = block.samples.values
+
+        device = tensor.keys.values.device
+        group_samples: List[torch.Tensor] = []
+        for g in range(self._n_groups):
+            present: List[int] = []
+            for t in range(self._n_blocks):
+                if self._block_group[t] == g and samples[t] is not None:
+                    present.append(t)
+            if len(present) == 0:
+                group_samples.append(
+                    torch.zeros(
+                        (0, len(self._sample_names)), dtype=torch.int32, device=device
+                    )
+                )
+                continue
+            first = samples[present[0]]
+            assert first is not None
+            shared = True
+            for t in present:
+                s = samples[t]
+                assert s is not None
+                if s.shape[0] != first.shape[0] or not torch.equal(s, first):
+                    shared = False
+                    break
+            if shared:
+                group_samples.append(first)
+                continue
+            # generic path: union of the samples, each block expanded to it
+            everything: List[torch.Tensor] = []
+            for t in present:
+                s = samples[t]
+                assert s is not None
+                everything.append(s)
+            union, inverse = torch.unique(
+                torch.cat(everything), sorted=True, return_inverse=True, dim=0
+            )
+            start = 0
+            for t in present:
+                v = values[t]
+                assert v is not None
+                n = v.shape[0]
+                full = torch.zeros(
+                    (union.shape[0], v.shape[1], v.shape[2]),
+                    dtype=v.dtype,
+                    device=v.device,
+                )
+                values[t] = full.index_copy(0, inverse[start : start + n], v)
+                start += n
+            group_samples.append(union)
+        return values, group_samples
+
+    def _match_properties(
+        self, t: int, value: torch.Tensor, properties: Labels
+    ) -> torch.Tensor:
+        expected = self._props[self._block_prop_ptr[t] : self._block_prop_ptr[t + 1]]
+        expected = expected.reshape(-1, self._block_prop_dims[t])
+        actual = properties.values
+        if actual.shape == expected.shape and torch.equal(actual, expected):
+            return value
+        where = describe_key(self._key_names, self._keys_host[t])
+        if actual.shape[1] != expected.shape[1]:
+            raise ValueError(
+                "block " + where + " has properties " + str(properties.names)
+                + " which do not match the template's"
+            )
+        equal = (actual.unsqueeze(1) == expected.unsqueeze(0)).all(dim=2)
+        found = equal.any(dim=1)
+        if not bool(found.all()):
+            missing = int(torch.nonzero(~found)[0, 0])
+            raise ValueError(
+                "block " + where + " has property " + str(int_list(actual[missing]))
+                + " " + str(properties.names) + " which is not in the template"
+            )
+        index = equal.to(torch.int32).argmax(dim=1)
+        full = torch.zeros(
+            (value.shape[0], value.shape[1], expected.shape[0]),
+            dtype=value.dtype,
+            device=value.device,
+        )
+        return full.index_copy(2, index, value)
+
+    def _rows(self, group_samples: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """All rows (samples then row keys), sorted, and the output position of each
+        row of the groups concatenated in order."""
+        parts: List[torch.Tensor] = []
+        for g in range(self._n_groups):
+            s = group_samples[g]
+            key = self._group_keys[g].to(s.device).unsqueeze(0)
+            parts.append(torch.cat([s, key.expand(s.shape[0], key.shape[1])], dim=1))
+        rows = torch.cat(parts)
+        order = lexsort(rows)
+        return rows.index_select(0, order), inverse_permutation(order)
+
+    def _channel_form(self, v: torch.Tensor, l: int, basis: torch.Tensor) -> torch.Tensor:
+        """``[n, P, 2l+1]`` (mul_ir) or ``[n, 2l+1, P]`` (ir_mul), in the output basis."""
+        if self._e3nn_basis and l == 1:
+            v = v.index_select(1, self._perm1)
+        if self._e3nn_basis and l >= 2:
+            D = basis[l, : 2 * l + 1, : 2 * l + 1]
+            if self._channel_dim == 1:
+                return torch.matmul(v.transpose(1, 2), D.t())
+            return torch.matmul(D, v)
+        if self._channel_dim == 1:
+            return v.transpose(1, 2)
+        return v
+
+    @torch.jit.export
+    def samples(self, tensor: TensorMap) -> Labels:
+        """Metadata of the rows of ``forward(tensor)``: the block sample dimensions,
+        then the key dimensions moved to rows."""
+        _, group_samples = self._collect(tensor)
+        rows, _ = self._rows(group_samples)
+        return labels(self._sample_names + self._row_key_names, rows)
+
+    def forward(self, tensor: TensorMap) -> torch.Tensor:
+        values, group_samples = self._collect(tensor)
+
+        dtype = torch.zeros(0).dtype  # the default dtype, when no block is present
+        device = self._basis.device
+        for v in values:
+            if v is not None:
+                dtype = v.dtype
+                device = v.device
+                break
+        basis = self._basis.to(dtype=dtype, device=device)
+
+        forms: List[Optional[torch.Tensor]] = []
+        for t in range(self._n_blocks):
+            v = values[t]
+            if v is None:
+                forms.append(None)
+            else:
+                forms.append(self._channel_form(v, self._block_l[t], basis))
+
+        cd = self._channel_dim
+        outputs: List[torch.Tensor] = []
+        for g in range(self._n_groups):
+            n = group_samples[g].shape[0]
+            segments: List[torch.Tensor] = []
+            for s in range(self._n_segments):
+                l = self._seg_l[s]
+                parts: List[torch.Tensor] = []
+                k0 = self._piece_ptr[g * self._n_segments + s]
+                k1 = self._piece_ptr[g * self._n_segments + s + 1]
+                for k in range(k0, k1):
+                    t = self._piece_block[k]
+                    form: Optional[torch.Tensor] = None
+                    if t >= 0:
+                        form = forms[t]
+                    if form is not None:
+                        parts.append(form.narrow(cd, self._piece_start[k], self._piece_len[k]))
+                    elif cd == 1:
+                        parts.append(
+                            torch.zeros(
+                                (n, self._piece_len[k], 2 * l + 1), dtype=dtype, device=device
+                            )
+                        )
+                    else:
+                        parts.append(
+                            torch.zeros(
+                                (n, 2 * l + 1, self._piece_len[k]), dtype=dtype, device=device
+                            )
+                        )
+                if len(parts) == 1:
+                    segments.append(parts[0].reshape(n, -1))
+                else:
+                    segments.append(torch.cat(parts, dim=cd).reshape(n, -1))
+            outputs.append(torch.cat(segments, dim=1))
+
+        _, position = self._rows(group_samples)
+        grouped = torch.cat(outputs, dim=0)
+        out = torch.empty((grouped.shape[0], self._dim), dtype=dtype, device=device)
+        # a scatter on a fresh tensor: its backward is the inverse gather
+        out.index_copy_(0, position, grouped)
+        return out
