@@ -132,8 +132,8 @@ class TensorMapToIrreps(torch.nn.Module):
         props = torch.cat([b.properties.reshape(-1) for b in plan.blocks])
         self.register_buffer("_props", props, persistent=False)
 
-        n_rows = len(plan.row_key_names)
-        groups = torch.tensor(plan.groups, dtype=torch.int32).reshape(-1, n_rows)
+        groups = torch.tensor(plan.groups, dtype=torch.int32)
+        groups = groups.reshape(len(plan.groups), len(plan.row_key_names))
         self.register_buffer("_group_keys", groups, persistent=False)
 
         self._seg_l = [s.l for s in plan.segments]

@@ -1,0 +1,289 @@
+"""``IrrepsToTensorMap``: flat e3nn tensor -> metatensor TensorMap."""
+
+from typing import List, Optional, Sequence
+
+import torch
+from e3nn import o3
+from metatensor.torch import Labels, TensorBlock, TensorMap
+
+from ._conventions import BASES, LAYOUTS, check_option
+from ._plan import Layout
+from ._tables import basis_tables, describe_key, int_list, inverse_permutation, labels
+
+
+class IrrepsToTensorMap(torch.nn.Module):
+    r"""Convert a flat ``[n_rows, irreps_in.dim]`` e3nn tensor to a
+    :py:class:`~metatensor.torch.TensorMap` with featomic's conventions: keys
+    ``o3_lambda, o3_sigma`` (``o3_sigma = p * (-1) ** l``), components ``o3_mu``
+    in featomic's real spherical-harmonics basis.
+
+    Built from e3nn irreps (one block per distinct ``(l, p)``, repeated irreps
+    merged in order, properties ``0..mul-1``), or as the exact inverse of a
+    :py:class:`TensorMapToIrreps` through :py:meth:`from_tensor_map` /
+    :py:meth:`TensorMapToIrreps.inverse`, which splits the rows back along the
+    row-like key dimensions (read from the ``samples`` columns) and the channels
+    along the channel-like ones.
+
+    Parameters
+    ----------
+    irreps : e3nn.o3.Irreps or str
+        Irreps of the input.
+    basis : {"e3nn", "featomic"}
+        Basis of the input; ``"e3nn"`` is rotated back to featomic's.
+    layout : {"mul_ir", "ir_mul"}
+        Layout of the input.
+    property_name : str
+        Name of the property dimension of the output blocks.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from metatensor.torch import Labels
+    >>> to_tensor_map = IrrepsToTensorMap("1x1o")
+    >>> to_tensor_map
+    IrrepsToTensorMap(1x1o, basis=e3nn, layout=mul_ir)
+    >>> x = torch.tensor([[1.0, 2.0, 3.0]])  # e3nn's (x, y, z)
+    >>> samples = Labels(["system", "atom"], torch.tensor([[0, 0]]))
+    >>> dipole = to_tensor_map(x, samples)
+    >>> dipole.keys.names, dipole.keys.values.tolist()
+    (['o3_lambda', 'o3_sigma'], [[1, 1]])
+    >>> dipole.block(0).values[0, :, 0]  # featomic's (y, z, x)
+    tensor([2., 3., 1.])
+    """
+
+    _sample_names: List[str]
+    _row_key_names: List[str]
+    _block_l: List[int]
+    _block_group: List[int]
+    _seg_dims: List[int]
+    _seg_l: List[int]
+    _seg_mul: List[int]
+    _piece_block: List[int]
+    _piece_len: List[int]
+    _piece_ptr: List[int]
+    _block_piece_ptr: List[int]
+    _block_pieces: List[int]
+    _components: List[Labels]
+    _properties: List[Labels]
+
+    def __init__(
+        self,
+        irreps,
+        *,
+        basis: str = "e3nn",
+        layout: str = "mul_ir",
+        property_name: str = "n",
+    ):
+        super().__init__()
+        plan = Layout.from_irreps(o3.Irreps(irreps), [], property_name)
+        self._setup(plan, basis, layout, all_samples=True)
+
+    @classmethod
+    def from_tensor_map(
+        cls,
+        template: TensorMap,
+        *,
+        basis: str = "e3nn",
+        layout: str = "mul_ir",
+        row_keys: Optional[Sequence[str]] = None,
+    ) -> "IrrepsToTensorMap":
+        """The exact inverse of ``TensorMapToIrreps(template, basis=basis,
+        layout=layout, row_keys=row_keys)``."""
+        plan = Layout.from_tensor_map(template, row_keys)
+        return cls._from_plan(plan, basis=basis, layout=layout)
+
+    @classmethod
+    def _from_plan(cls, plan: Layout, *, basis: str, layout: str) -> "IrrepsToTensorMap":
+        module = cls.__new__(cls)
+        torch.nn.Module.__init__(module)
+        module._setup(plan, basis, layout, all_samples=False)
+        return module
+
+    def _setup(self, plan: Layout, basis: str, layout: str, all_samples: bool) -> None:
+        self.basis = check_option("basis", basis, BASES)
+        self.layout = check_option("layout", layout, LAYOUTS)
+        self.plan = plan
+        self.irreps_in = o3.Irreps([(s.mul, (s.l, s.p)) for s in plan.segments])
+        self._e3nn_basis = self.basis == "e3nn"
+        self._channel_dim = 1 if self.layout == "mul_ir" else 2
+        self._dim = plan.dim
+        self._all_samples = all_samples
+        self._sample_names = list(plan.sample_names)
+        self._row_key_names = list(plan.row_key_names)
+        self._n_blocks = len(plan.blocks)
+        self._n_groups = len(plan.groups)
+        self._n_segments = len(plan.segments)
+
+        self._block_l = [b.l for b in plan.blocks]
+        self._block_group = [b.group for b in plan.blocks]
+        self._seg_dims = [s.dim for s in plan.segments]
+        self._seg_l = [s.l for s in plan.segments]
+        self._seg_mul = [s.mul for s in plan.segments]
+
+        groups = torch.tensor(plan.groups, dtype=torch.int32)
+        groups = groups.reshape(len(plan.groups), len(plan.row_key_names))
+        self.register_buffer("_group_keys", groups, persistent=False)
+
+        piece_block: List[int] = []
+        piece_start: List[int] = []
+        piece_len: List[int] = []
+        piece_ptr = [0]
+        for g in range(len(plan.groups)):
+            for s in range(len(plan.segments)):
+                for t, j, n in plan.pieces(g, s):
+                    piece_block.append(t)
+                    piece_start.append(j)
+                    piece_len.append(n)
+                piece_ptr.append(len(piece_block))
+        self._piece_block = piece_block
+        self._piece_len = piece_len
+        self._piece_ptr = piece_ptr
+        # the pieces of every block, in the order of its properties
+        block_pieces: List[int] = []
+        block_piece_ptr = [0]
+        for t in range(len(plan.blocks)):
+            mine = [k for k in range(len(piece_block)) if piece_block[k] == t]
+            block_pieces.extend(sorted(mine, key=lambda k: piece_start[k]))
+            block_piece_ptr.append(len(block_pieces))
+        self._block_pieces = block_pieces
+        self._block_piece_ptr = block_piece_ptr
+
+        self._keys = plan.keys()
+        self._components = [
+            Labels(["o3_mu"], torch.arange(-l, l + 1, dtype=torch.int32).reshape(-1, 1))
+            for l in range(plan.max_l + 1)
+        ]
+        self._properties = [
+            Labels(plan.property_names[(b.l, b.p)], b.properties) for b in plan.blocks
+        ]
+
+        basis_matrices, perm, inverse = basis_tables(plan)
+        self.register_buffer("_basis", basis_matrices, persistent=False)
+        self.register_buffer("_perm1_inverse", inverse, persistent=False)
+
+    def extra_repr(self) -> str:
+        return f"{self.irreps_in}, basis={self.basis}, layout={self.layout}"
+
+    def __repr__(self) -> str:
+        return f"{self.__class__.__name__}({self.extra_repr()})"
+
+    @torch.jit.unused
+    def keys(self) -> Labels:
+        """Keys of the output TensorMap."""
+        return self._keys
+
+    def _featomic_values(
+        self, w: torch.Tensor, l: int, basis: torch.Tensor
+    ) -> torch.Tensor:
+        """Block values ``[n, 2l+1, P]`` in featomic's basis from the channel form."""
+        if self._channel_dim == 1:
+            w = w.transpose(1, 2)
+        if self._e3nn_basis and l == 1:
+            w = w.index_select(1, self._perm1_inverse)
+        elif self._e3nn_basis and l >= 2:
+            D = basis[l, : 2 * l + 1, : 2 * l + 1]
+            return torch.matmul(D.t(), w)
+        return w.contiguous()
+
+    def _columns(self, names: List[str], wanted: List[str], what: str) -> List[int]:
+        columns: List[int] = []
+        for name in wanted:
+            if name not in names:
+                raise ValueError(
+                    "samples " + str(names) + " lack the dimension '" + name
+                    + "' (" + what + ")"
+                )
+            columns.append(names.index(name))
+        return columns
+
+    def forward(self, x: torch.Tensor, samples: Labels) -> TensorMap:
+        if x.dim() != 2 or x.shape[1] != self._dim:
+            raise ValueError(
+                "expected a tensor of shape [n_rows, " + str(self._dim) + "] for irreps "
+                + "of dimension " + str(self._dim) + ", got " + str(x.shape)
+            )
+        n_rows = x.shape[0]
+        if samples.values.shape[0] != n_rows:
+            raise ValueError(
+                "samples have " + str(samples.values.shape[0]) + " entries for "
+                + str(n_rows) + " rows of the input tensor"
+            )
+        device = x.device
+        names = samples.names
+        sample_values = samples.values.to(device)
+        if self._all_samples:
+            sample_names = names
+            sample_columns = list(range(len(names)))
+        else:
+            sample_names = self._sample_names
+            sample_columns = self._columns(names, sample_names, "a sample dimension")
+
+        if self._n_groups == 1 and len(self._row_key_names) == 0:
+            grouped_x = x
+            grouped_samples = sample_values
+            counts: List[int] = [n_rows]
+        else:
+            row_columns = self._columns(
+                names, self._row_key_names, "a key dimension moved to rows"
+            )
+            row_keys = sample_values[:, row_columns]
+            group_keys = self._group_keys.to(device)
+            equal = (row_keys.unsqueeze(1) == group_keys.unsqueeze(0)).all(dim=2)
+            found = equal.any(dim=1)
+            if not bool(found.all()):
+                missing = int(torch.nonzero(~found)[0, 0])
+                raise ValueError(
+                    "row " + describe_key(names, sample_values[missing])
+                    + " has " + describe_key(self._row_key_names, row_keys[missing])
+                    + ", which is not in the layout"
+                )
+            group = equal.to(torch.int32).argmax(dim=1)
+            counts = int_list(torch.bincount(group, minlength=self._n_groups))
+            _, order = torch.sort(group, stable=True)
+            # a scatter on a fresh tensor: its backward is the inverse gather
+            grouped_x = torch.empty_like(x)
+            grouped_x.index_copy_(0, inverse_permutation(order), x)
+            grouped_samples = sample_values.index_select(0, order)
+
+        basis = self._basis.to(dtype=x.dtype, device=device)
+        cd = self._channel_dim
+        pieces: List[torch.Tensor] = []
+        group_labels: List[Labels] = []
+        start = 0
+        group_x = torch.split(grouped_x, counts, dim=0)
+        for g in range(self._n_groups):
+            n = counts[g]
+            group_labels.append(
+                labels(sample_names, grouped_samples[start : start + n][:, sample_columns])
+            )
+            start += n
+            segments = torch.split(group_x[g], self._seg_dims, dim=1)
+            for s in range(self._n_segments):
+                l = self._seg_l[s]
+                if cd == 1:
+                    view = segments[s].reshape(n, self._seg_mul[s], 2 * l + 1)
+                else:
+                    view = segments[s].reshape(n, 2 * l + 1, self._seg_mul[s])
+                k0 = self._piece_ptr[g * self._n_segments + s]
+                k1 = self._piece_ptr[g * self._n_segments + s + 1]
+                pieces.extend(torch.split(view, self._piece_len[k0:k1], dim=cd))
+
+        blocks: List[TensorBlock] = []
+        for t in range(self._n_blocks):
+            parts: List[torch.Tensor] = []
+            for i in range(self._block_piece_ptr[t], self._block_piece_ptr[t + 1]):
+                parts.append(pieces[self._block_pieces[i]])
+            if len(parts) == 1:
+                w = parts[0]
+            else:
+                w = torch.cat(parts, dim=cd)
+            l = self._block_l[t]
+            blocks.append(
+                TensorBlock(
+                    values=self._featomic_values(w, l, basis),
+                    samples=group_labels[self._block_group[t]],
+                    components=[self._components[l].to(device)],
+                    properties=self._properties[t].to(device),
+                )
+            )
+        return TensorMap(self._keys.to(device), blocks)
