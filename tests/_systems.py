@@ -59,6 +59,26 @@ def rotate(system, R):
                   pbc=system.pbc)
 
 
+def accurate_rotations(n):
+    """n random rotations (e3nn's ``o3.rand_matrix``) for which e3nn's own
+    ``D_from_matrix`` is accurate to 1e-14.
+
+    e3nn recovers Euler angles from the matrix, and for some rotations loses
+    precision: e.g. its ``1o`` representation of a rotation, which must equal the
+    rotation itself, can differ from it by 3e-12 (and 7e-11 for l=2). Equivariance
+    checked at 1e-12 needs a reference that is itself exact to much better than that.
+    """
+    from e3nn import o3
+
+    rotations = []
+    while len(rotations) < n:
+        R = o3.rand_matrix(dtype=torch.float64)
+        D = o3.Irrep(1, -1).D_from_matrix(R)
+        if (D - R).abs().max() < 1e-14:
+            rotations.append(R)
+    return rotations
+
+
 def lode(max_angular=4, max_radial=2):
     return ft.LodeSphericalExpansion(
         density={"type": "SmearedPowerLaw", "smearing": 1.0, "exponent": 1},
