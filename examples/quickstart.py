@@ -1,0 +1,94 @@
+"""Quickstart: LODE features of a small real structure -> e3nn, and back.
+
+Computes featomic-torch's ``LodeSphericalExpansion`` of a periodic box (two water
+molecules and a sodium ion, embedded below: no download), converts it with
+``TensorMapToIrreps`` for an e3nn ``Linear`` layer predicting a per-atom scalar and
+vector, checks the equivariance of the whole pipeline under a proper and an improper
+rotation of the structure, and converts the prediction back to a metatensor
+``TensorMap`` with ``IrrepsToTensorMap``.
+
+Run with ``python examples/quickstart.py``.
+"""
+
+import argparse
+
+import featomic.torch as featomic
+import torch
+from e3nn import o3
+from metatomic.torch import System
+
+from rascaline_e3nn import IrrepsToTensorMap, TensorMapToIrreps
+
+# Two water molecules and a sodium ion in a slightly skewed periodic box (Å)
+TYPES = [8, 1, 1, 8, 1, 1, 11]
+POSITIONS = [
+    [0.00, 0.00, 0.00],
+    [0.96, 0.00, 0.00],
+    [-0.24, 0.93, 0.00],
+    [3.00, 3.00, 3.00],
+    [3.96, 3.00, 3.00],
+    [2.76, 3.93, 3.10],
+    [1.50, 4.50, 0.50],
+]
+CELL = [[6.0, 0.3, 0.0], [0.2, 5.5, 0.1], [0.0, 0.4, 6.2]]
+
+
+def make_system(R: torch.Tensor) -> System:
+    """The structure with positions and cell transformed by R (proper or improper)."""
+    cell = torch.tensor(CELL, dtype=torch.float64) @ R.T
+    if torch.det(cell) < 0:  # same lattice, right-handed cell vectors
+        cell[0] = -cell[0]
+    return System(
+        types=torch.tensor(TYPES),
+        positions=torch.tensor(POSITIONS, dtype=torch.float64) @ R.T,
+        cell=cell,
+        pbc=torch.tensor([True, True, True]),
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--max-angular", type=int, default=4)
+    parser.add_argument("--max-radial", type=int, default=3)
+    args = parser.parse_args()
+    # e3nn builds its Wigner matrices in the default dtype
+    torch.set_default_dtype(torch.float64)
+    torch.manual_seed(0)
+
+    calculator = featomic.LodeSphericalExpansion(
+        density={"type": "SmearedPowerLaw", "smearing": 1.0, "exponent": 1},
+        basis={
+            "type": "TensorProduct",
+            "max_angular": args.max_angular,
+            "radial": {"type": "Gto", "max_radial": args.max_radial, "radius": 3.0},
+        },
+    )
+    to_irreps = TensorMapToIrreps.from_calculator(calculator, atom_types=[1, 8, 11])
+    print(f"featomic LODE keys -> {to_irreps}")
+    print(f"irreps_out = {to_irreps.irreps_out}  (dim {to_irreps.irreps_out.dim})")
+
+    irreps_out = o3.Irreps("1x0e + 1x1o")  # a per-atom scalar and vector
+    model = torch.nn.Sequential(calculator, to_irreps, o3.Linear(to_irreps.irreps_out, irreps_out))
+
+    identity = torch.eye(3)
+    features = calculator([make_system(identity)])
+    x = model[1](features)
+    print(f"rows: {to_irreps.samples(features).names}, shape {tuple(x.shape)}")
+
+    y = model([make_system(identity)])
+    R = o3.rand_matrix()
+    for name, Q in (("proper", R), ("improper", -R)):
+        y_rotated = model([make_system(Q)])
+        expected = y @ irreps_out.D_from_matrix(Q).T
+        error = (y_rotated - expected).abs().max().item()
+        print(f"equivariance under a {name} rotation: max error {error:.1e}")
+        assert error < 1e-10, "the pipeline is not equivariant"
+
+    to_tensor_map = IrrepsToTensorMap(irreps_out)
+    prediction = to_tensor_map(y.detach(), to_irreps.samples(features))
+    print("prediction back as a TensorMap, in featomic's conventions:")
+    print(prediction)
+
+
+if __name__ == "__main__":
+    main()
