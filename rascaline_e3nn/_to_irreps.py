@@ -4,7 +4,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from e3nn import o3
-from metatensor.torch import Labels, TensorMap
+from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from ._conventions import BASES, LAYOUTS, check_option
 from ._plan import Layout
@@ -238,6 +238,84 @@ class TensorMapToIrreps(torch.nn.Module):
         their group, and the samples of each group."""
         slots = self._match_keys(tensor.keys)
         blocks = tensor.blocks()
+        device = tensor.keys.values.device
+        values: List[Optional[torch.Tensor]] = []
+        samples: List[Optional[torch.Tensor]] = []
+        first: List[int] = []
+        for _ in range(self._n_blocks):
+            values.append(None)
+            samples.append(None)
+        for _ in range(self._n_groups):
+            first.append(-1)
+
+        # The common case, checked with one device->host read in all: every block has
+        # its template's properties (and o3_mu components), and the blocks of a group
+        # share their samples. Anything else takes the detailed path below, which
+        # handles (or names) it block by block.
+        fast = True
+        flags: List[torch.Tensor] = []
+        for i in range(len(slots)):
+            t = slots[i]
+            block = blocks[i]
+            l = self._block_l[t]
+            value = block.values
+            if value.dim() != 3 or value.shape[1] != 2 * l + 1:
+                fast = False
+                break
+            if block.samples.names != self._sample_names or len(block.gradients_list()) != 0:
+                fast = False
+                break
+            if self._check:
+                components = block.components
+                if (
+                    len(components) != 1
+                    or components[0].names != ["o3_mu"]
+                    or components[0].values.shape[0] != 2 * l + 1
+                ):
+                    fast = False
+                    break
+                L = (self._mu.shape[0] - 1) // 2
+                mu = self._mu[L - l : L + l + 1].to(value.device)
+                flags.append((components[0].values.reshape(-1) == mu).all())
+            actual = block.properties.values
+            expected = self._template_properties(t)
+            if actual.shape != expected.shape:
+                fast = False
+                break
+            flags.append((actual == expected.to(actual.device)).all())
+            values[t] = value
+            samples[t] = block.samples.values
+            g = self._block_group[t]
+            if first[g] < 0:
+                first[g] = t
+            else:
+                reference = samples[first[g]]
+                assert reference is not None
+                if reference.shape != block.samples.values.shape:
+                    fast = False
+                    break
+                flags.append((block.samples.values == reference).all())
+        if fast and len(flags) > 0:
+            fast = bool(torch.stack(flags).all())
+        if fast:
+            group_samples: List[torch.Tensor] = []
+            for g in range(self._n_groups):
+                if first[g] < 0:
+                    group_samples.append(
+                        torch.zeros(
+                            (0, len(self._sample_names)), dtype=torch.int32, device=device
+                        )
+                    )
+                else:
+                    s = samples[first[g]]
+                    assert s is not None
+                    group_samples.append(s)
+            return values, group_samples
+        return self._collect_in_detail(slots, blocks, device)
+
+    def _collect_in_detail(
+        self, slots: List[int], blocks: List[TensorBlock], device: torch.device
+    ) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
         values: List[Optional[torch.Tensor]] = []
         samples: List[Optional[torch.Tensor]] = []
         for _ in range(self._n_blocks):
@@ -260,7 +338,6 @@ class TensorMapToIrreps(torch.nn.Module):
             values[t] = self._match_properties(t, value, block.properties)
             samples[t] = block.samples.values
 
-        device = tensor.keys.values.device
         group_samples: List[torch.Tensor] = []
         for g in range(self._n_groups):
             present: List[int] = []
@@ -310,11 +387,14 @@ class TensorMapToIrreps(torch.nn.Module):
             group_samples.append(union)
         return values, group_samples
 
+    def _template_properties(self, t: int) -> torch.Tensor:
+        expected = self._props[self._block_prop_ptr[t] : self._block_prop_ptr[t + 1]]
+        return expected.reshape(-1, self._block_prop_dims[t])
+
     def _match_properties(
         self, t: int, value: torch.Tensor, properties: Labels
     ) -> torch.Tensor:
-        expected = self._props[self._block_prop_ptr[t] : self._block_prop_ptr[t + 1]]
-        expected = expected.reshape(-1, self._block_prop_dims[t])
+        expected = self._template_properties(t).to(value.device)
         actual = properties.values
         if actual.shape == expected.shape and torch.equal(actual, expected):
             return value
@@ -357,12 +437,16 @@ class TensorMapToIrreps(torch.nn.Module):
         if self._e3nn_basis and l == 1:
             v = v.index_select(1, self._perm1)
         if self._e3nn_basis and l >= 2:
+            # one 2-D GEMM each (torch.matmul would run n tiny batched products)
             D = basis[l, : 2 * l + 1, : 2 * l + 1]
             if self._channel_dim == 1:
-                return torch.matmul(v.transpose(1, 2), D.t())
-            return torch.matmul(D, v)
+                # [n, P, 2l+1], contiguous
+                return torch.tensordot(v, D, dims=([1], [1]))
+            # [n, 2l+1, P], a view of a [2l+1, n, P] result: every [:, m] is contiguous
+            return torch.tensordot(D, v, dims=([1], [1])).movedim(0, 1)
         if self._channel_dim == 1:
-            return v.transpose(1, 2)
+            # one transposing copy, after which every channel run is a plain view
+            return v.transpose(1, 2).contiguous()
         return v
 
     @torch.jit.export
@@ -393,44 +477,67 @@ class TensorMapToIrreps(torch.nn.Module):
             else:
                 forms.append(self._channel_form(v, self._block_l[t], basis))
 
-        cd = self._channel_dim
         outputs: List[torch.Tensor] = []
         for g in range(self._n_groups):
             n = group_samples[g].shape[0]
-            segments: List[torch.Tensor] = []
+            # 2-D pieces [n, width] in the order of the output columns: one cat
+            pieces: List[torch.Tensor] = []
             for s in range(self._n_segments):
-                l = self._seg_l[s]
-                parts: List[torch.Tensor] = []
                 k0 = self._piece_ptr[g * self._n_segments + s]
                 k1 = self._piece_ptr[g * self._n_segments + s + 1]
+                self._segment_pieces(pieces, forms, s, k0, k1, n, dtype, device)
+            if len(pieces) == 1:
+                outputs.append(pieces[0].reshape(n, self._dim))
+            else:
+                outputs.append(torch.cat(pieces, dim=1))
+
+        _, position = self._rows(group_samples)
+        if len(outputs) == 1:
+            grouped = outputs[0]
+        else:
+            grouped = torch.cat(outputs, dim=0)
+        out = torch.empty((grouped.shape[0], self._dim), dtype=dtype, device=device)
+        # a scatter of whole rows on a fresh tensor: its backward is the inverse gather
+        out.index_put_((position,), grouped)
+        return out
+
+    def _segment_pieces(
+        self,
+        pieces: List[torch.Tensor],
+        forms: List[Optional[torch.Tensor]],
+        s: int,
+        k0: int,
+        k1: int,
+        n: int,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        """Append the [n, width] pieces of segment s (channel runs k0..k1) to pieces."""
+        l = self._seg_l[s]
+        n_m = 2 * l + 1
+        if self._channel_dim == 1:
+            # mul_ir: a run of channels is [n, run, 2l+1] in a contiguous form
+            for k in range(k0, k1):
+                t = self._piece_block[k]
+                length = self._piece_len[k]
+                form: Optional[torch.Tensor] = None
+                if t >= 0:
+                    form = forms[t]
+                if form is None:
+                    pieces.append(torch.zeros((n, length * n_m), dtype=dtype, device=device))
+                else:
+                    run = form.narrow(1, self._piece_start[k], length)
+                    pieces.append(run.reshape(n, length * n_m))
+        else:
+            # ir_mul: for each m, the runs of channels
+            for m in range(n_m):
                 for k in range(k0, k1):
                     t = self._piece_block[k]
+                    length = self._piece_len[k]
                     form: Optional[torch.Tensor] = None
                     if t >= 0:
                         form = forms[t]
-                    if form is not None:
-                        parts.append(form.narrow(cd, self._piece_start[k], self._piece_len[k]))
-                    elif cd == 1:
-                        parts.append(
-                            torch.zeros(
-                                (n, self._piece_len[k], 2 * l + 1), dtype=dtype, device=device
-                            )
-                        )
+                    if form is None:
+                        pieces.append(torch.zeros((n, length), dtype=dtype, device=device))
                     else:
-                        parts.append(
-                            torch.zeros(
-                                (n, 2 * l + 1, self._piece_len[k]), dtype=dtype, device=device
-                            )
-                        )
-                if len(parts) == 1:
-                    segments.append(parts[0].reshape(n, -1))
-                else:
-                    segments.append(torch.cat(parts, dim=cd).reshape(n, -1))
-            outputs.append(torch.cat(segments, dim=1))
-
-        _, position = self._rows(group_samples)
-        grouped = torch.cat(outputs, dim=0)
-        out = torch.empty((grouped.shape[0], self._dim), dtype=dtype, device=device)
-        # a scatter on a fresh tensor: its backward is the inverse gather
-        out.index_copy_(0, position, grouped)
-        return out
+                        pieces.append(form[:, m].narrow(1, self._piece_start[k], length))

@@ -148,6 +148,8 @@ class IrrepsToTensorMap(torch.nn.Module):
         self._block_pieces = block_pieces
         self._block_piece_ptr = block_piece_ptr
 
+        # Labels are not buffers: they are moved, once, to the device of the input
+        self._labels_device = torch.device("cpu")
         self._keys = plan.keys()
         self._components = [
             Labels(["o3_mu"], torch.arange(-l, l + 1, dtype=torch.int32).reshape(-1, 1))
@@ -175,15 +177,30 @@ class IrrepsToTensorMap(torch.nn.Module):
     def _featomic_values(
         self, w: torch.Tensor, l: int, basis: torch.Tensor
     ) -> torch.Tensor:
-        """Block values ``[n, 2l+1, P]`` in featomic's basis from the channel form."""
+        """Block values ``[n, 2l+1, P]`` in featomic's basis from the channel form
+        (``[n, P, 2l+1]`` for mul_ir, ``[n, 2l+1, P]`` for ir_mul)."""
+        m_dim = 3 - self._channel_dim
+        if self._e3nn_basis and l >= 2:
+            # x_featomic = D^T x_e3nn along m, as one 2-D GEMM: [2l+1, n, P]
+            D = basis[l, : 2 * l + 1, : 2 * l + 1]
+            return torch.tensordot(D, w, dims=([0], [m_dim])).movedim(0, 1).contiguous()
+        if self._e3nn_basis and l == 1:
+            w = w.index_select(m_dim, self._perm1_inverse)
         if self._channel_dim == 1:
             w = w.transpose(1, 2)
-        if self._e3nn_basis and l == 1:
-            w = w.index_select(1, self._perm1_inverse)
-        elif self._e3nn_basis and l >= 2:
-            D = basis[l, : 2 * l + 1, : 2 * l + 1]
-            return torch.matmul(D.t(), w)
         return w.contiguous()
+
+    def _move_labels(self, device: torch.device) -> None:
+        self._keys = self._keys.to(device)
+        components: List[Labels] = []
+        for labels in self._components:
+            components.append(labels.to(device))
+        self._components = components
+        properties: List[Labels] = []
+        for labels in self._properties:
+            properties.append(labels.to(device))
+        self._properties = properties
+        self._labels_device = device
 
     def _columns(self, names: List[str], wanted: List[str], what: str) -> List[int]:
         columns: List[int] = []
@@ -230,15 +247,19 @@ class IrrepsToTensorMap(torch.nn.Module):
             group_keys = self._group_keys.to(device)
             equal = (row_keys.unsqueeze(1) == group_keys.unsqueeze(0)).all(dim=2)
             found = equal.any(dim=1)
-            if not bool(found.all()):
+            # rows of no group go to an extra bin: one device->host read for both
+            group = torch.where(
+                found, equal.to(torch.int32).argmax(dim=1), self._n_groups
+            )
+            counts = int_list(torch.bincount(group, minlength=self._n_groups + 1))
+            if counts[self._n_groups] != 0:
                 missing = int(torch.nonzero(~found)[0, 0])
                 raise ValueError(
                     "row " + describe_key(names, sample_values[missing])
                     + " has " + describe_key(self._row_key_names, row_keys[missing])
                     + ", which is not in the layout"
                 )
-            group = equal.to(torch.int32).argmax(dim=1)
-            counts = int_list(torch.bincount(group, minlength=self._n_groups))
+            counts = counts[: self._n_groups]
             _, order = torch.sort(group, stable=True)
             # a scatter on a fresh tensor: its backward is the inverse gather
             grouped_x = torch.empty_like(x)
@@ -246,6 +267,8 @@ class IrrepsToTensorMap(torch.nn.Module):
             grouped_samples = sample_values.index_select(0, order)
 
         basis = self._basis.to(dtype=x.dtype, device=device)
+        if device != self._labels_device:
+            self._move_labels(device)
         cd = self._channel_dim
         pieces: List[torch.Tensor] = []
         group_labels: List[Labels] = []
@@ -282,8 +305,8 @@ class IrrepsToTensorMap(torch.nn.Module):
                 TensorBlock(
                     values=self._featomic_values(w, l, basis),
                     samples=group_labels[self._block_group[t]],
-                    components=[self._components[l].to(device)],
-                    properties=self._properties[t].to(device),
+                    components=[self._components[l]],
+                    properties=self._properties[t],
                 )
             )
-        return TensorMap(self._keys.to(device), blocks)
+        return TensorMap(self._keys, blocks)

@@ -1,0 +1,732 @@
+"""Benchmark of ``TensorMapToIrreps`` / ``IrrepsToTensorMap`` against a ``torch.clone``
+of the same bytes and against the metatensor chain a user would write by hand.
+
+Every time is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` blocks;
+the variants are measured in interleaved rounds (round 1: every variant, round 2: every
+variant, ...) so that slow drifts of the machine affect all of them alike.
+
+Reference case (default): 16 systems x 125 atoms, 3 atom types, lmax 6, 8 radial
+functions: 63 blocks, 9.4 MB of float32 values, featomic's exact metadata.
+
+    python benchmarks/bench_adapters.py                   # reference table, memory, syncs
+    python benchmarks/bench_adapters.py --check-overhead  # cost of check=True
+    python benchmarks/bench_adapters.py --sweep           # size / lmax sweep -> sweep.json
+    python benchmarks/plot.py                             # sweep.json -> scaling.png
+"""
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import sys
+import warnings
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch.utils.benchmark import Timer
+
+import e3nn
+import featomic.torch
+import metatensor.torch as mts
+from e3nn import o3
+from metatensor.torch import Labels, TensorBlock, TensorMap
+
+import rascaline_e3nn
+from rascaline_e3nn import TensorMapToIrreps
+
+warnings.filterwarnings("ignore", message=".*TorchScript.*")
+warnings.filterwarnings("ignore", message=".*torch.jit.*")
+warnings.filterwarnings("ignore", category=FutureWarning)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KEY_NAMES = ["o3_lambda", "o3_sigma", "center_type", "neighbor_type"]
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+# ---------------------------------------------------------------------- machine
+
+
+def machine() -> Dict[str, str]:
+    cpu = platform.processor() or "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "logical cpus": str(os.cpu_count()),
+        "torch threads": str(torch.get_num_threads()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "metatensor-torch": mts.__version__,
+        "featomic-torch": featomic.torch.__version__,
+        "e3nn": e3nn.__version__,
+        "rascaline_e3nn": rascaline_e3nn.__version__,
+        "load average": " ".join(f"{x:.2f}" for x in os.getloadavg())
+        + " (1, 5, 15 min; other processes share these cores)",
+        "gpu": (
+            torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (unmeasured)"
+        ),
+    }
+
+
+# ---------------------------------------------------------------------- data
+
+
+def featomic_like(
+    n_systems: int,
+    n_atoms: int,
+    lmax: int,
+    n_radial: int,
+    types: Sequence[int] = (1, 6, 8),
+    dtype: torch.dtype = torch.float32,
+    requires_grad: bool = False,
+    seed: int = 0,
+) -> TensorMap:
+    """A spherical expansion with featomic's exact metadata and random values.
+
+    Keys ``(o3_lambda, o3_sigma, center_type, neighbor_type)`` in featomic's order
+    (center, neighbor, then lambda fastest), int32 Labels, samples ``(system, atom)``
+    of the atoms of each center type, components ``o3_mu``, properties ``n``. Every
+    system contains every type, so every (center, neighbor) pair has a block and the
+    blocks of a center type share their samples, as featomic gives for such a batch.
+    """
+    g = torch.Generator().manual_seed(seed)
+    types_t = torch.tensor(sorted(types), dtype=torch.int32)
+    if n_atoms < len(types):
+        raise ValueError("need at least one atom of every type per system")
+    systems = []
+    for _ in range(n_systems):
+        a = types_t[torch.randint(len(types), (n_atoms,), generator=g)]
+        a[: len(types)] = types_t
+        systems.append(a)
+    samples = {}
+    for c in types_t.tolist():
+        rows = []
+        for s, a in enumerate(systems):
+            atoms = torch.nonzero(a == c)[:, 0].to(torch.int32)
+            rows.append(torch.stack([torch.full_like(atoms, s), atoms], dim=1))
+        samples[c] = Labels(["system", "atom"], torch.cat(rows))
+    props = Labels(["n"], torch.arange(n_radial, dtype=torch.int32).reshape(-1, 1))
+    comps = [
+        Labels(["o3_mu"], torch.arange(-l, l + 1, dtype=torch.int32).reshape(-1, 1))
+        for l in range(lmax + 1)
+    ]
+    keys: List[List[int]] = []
+    blocks: List[TensorBlock] = []
+    for c in types_t.tolist():
+        for nt in types_t.tolist():
+            for l in range(lmax + 1):
+                s = samples[c]
+                v = torch.randn(len(s), 2 * l + 1, n_radial, generator=g, dtype=torch.float64)
+                v = v.to(dtype).requires_grad_(requires_grad)
+                keys.append([l, 1, c, nt])
+                blocks.append(TensorBlock(v, s, [comps[l]], props))
+    return TensorMap(Labels(KEY_NAMES, torch.tensor(keys, dtype=torch.int32)), blocks)
+
+
+def nbytes(tensor: TensorMap) -> int:
+    return sum(b.values.numel() * b.values.element_size() for b in tensor.blocks())
+
+
+def leaves(tensor: TensorMap) -> List[torch.Tensor]:
+    return [b.values for b in tensor.blocks()]
+
+
+# ---------------------------------------------------------------------- the chain
+
+
+def e3nn_basis_change(lmax: int, dtype: torch.dtype) -> List[torch.Tensor]:
+    """``x_e3nn = D_l @ x_featomic``, computed directly from e3nn (independently of the
+    package): D = Irrep(l, 1).D_from_matrix(Q) in float64, Q = [[0,0,1],[1,0,0],[0,1,0]]."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        Q = torch.tensor([[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+        return [o3.Irrep(l, 1).D_from_matrix(Q).to(dtype) for l in range(lmax + 1)]
+    finally:
+        torch.set_default_dtype(default)
+
+
+def chain_to_irreps(
+    tensor: TensorMap, layout: str, D: Optional[List[torch.Tensor]]
+) -> Tuple[torch.Tensor, Labels]:
+    """What a user writes without the adapter: move ``center_type`` to samples and
+    ``neighbor_type`` to properties with metatensor, then flatten every lambda block
+    (sorted by e3nn's (l, p) order) and concatenate. ``D`` (per l) rotates to e3nn's
+    basis; ``None`` keeps featomic's."""
+    merged = tensor.keys_to_samples("center_type").keys_to_properties("neighbor_type")
+    keys = merged.keys.values.tolist()
+    # e3nn order: l, then parity p = sigma * (-1)^l, with p = -1 first
+    order = sorted(range(len(keys)), key=lambda i: (keys[i][0], keys[i][1] * (-1) ** keys[i][0]))
+    parts = []
+    samples = merged.block_by_id(order[0]).samples
+    for i in order:
+        l = keys[i][0]
+        v = merged.block_by_id(i).values  # [n, 2l+1, n_neighbor_types * n_radial]
+        n = v.shape[0]
+        if D is not None:
+            v = torch.matmul(D[l], v)
+        if layout == "mul_ir":
+            parts.append(v.transpose(1, 2).reshape(n, -1))
+        else:
+            parts.append(v.reshape(n, -1))
+    return torch.cat(parts, dim=1), samples
+
+
+class ChainInverse:
+    """The hand-written inverse: split the flat tensor per lambda into
+    ``[n, 2l+1, neighbor x n]`` blocks keyed (o3_lambda, o3_sigma), then use
+    ``metatensor.torch.split`` to send ``center_type`` (a sample dimension) and
+    ``neighbor_type`` (a property dimension) back to the keys, in featomic's key order.
+    The metadata needed (irreps, property Labels, types) is prepared once here."""
+
+    def __init__(self, template: TensorMap, layout: str, D: Optional[List[torch.Tensor]]):
+        self.layout = layout
+        self.D = D
+        merged = template.keys_to_samples("center_type").keys_to_properties("neighbor_type")
+        keys = merged.keys.values.tolist()
+        order = sorted(
+            range(len(keys)), key=lambda i: (keys[i][0], keys[i][1] * (-1) ** keys[i][0])
+        )
+        self.irreps = []  # (l, sigma, properties (neighbor_type, n))
+        for i in order:
+            block = merged.block_by_id(i)
+            self.irreps.append((keys[i][0], keys[i][1], block.properties, block.components))
+        self.merged_keys = Labels(
+            ["o3_lambda", "o3_sigma"], torch.tensor([[l, s] for l, s, _, _ in self.irreps])
+        )
+        self.out_keys = template.keys
+        tk = template.keys.values
+        self.centers = sorted(set(tk[:, 2].tolist()))
+        self.neighbors = sorted(set(tk[:, 3].tolist()))
+        self.center_sel = [Labels(["center_type"], torch.tensor([[c]])) for c in self.centers]
+        self.neighbor_sel = [Labels(["neighbor_type"], torch.tensor([[n]])) for n in self.neighbors]
+
+    def __call__(self, x: torch.Tensor, samples: Labels) -> TensorMap:
+        n = x.shape[0]
+        blocks = []
+        start = 0
+        for l, _, props, comps in self.irreps:
+            width = len(props) * (2 * l + 1)
+            seg = x[:, start : start + width]
+            start += width
+            if self.layout == "mul_ir":
+                v = seg.reshape(n, len(props), 2 * l + 1).transpose(1, 2)
+            else:
+                v = seg.reshape(n, 2 * l + 1, len(props))
+            if self.D is not None:
+                v = torch.matmul(self.D[l].t(), v)
+            blocks.append(TensorBlock(v, samples, comps, props))
+        merged = TensorMap(self.merged_keys, blocks)
+        by_key = {}
+        for c, per_center in zip(
+            self.centers, mts.split(merged, axis="samples", selections=self.center_sel)
+        ):
+            per_center = mts.remove_dimension(per_center, axis="samples", name="center_type")
+            for nt, part in zip(
+                self.neighbors,
+                mts.split(per_center, axis="properties", selections=self.neighbor_sel),
+            ):
+                part = mts.remove_dimension(part, axis="properties", name="neighbor_type")
+                for (l, s), block in zip(part.keys.values.tolist(), part.blocks()):
+                    # a new block around the same values (a block viewed inside a
+                    # TensorMap cannot be moved to another one)
+                    by_key[(l, s, c, nt)] = TensorBlock(
+                        block.values, block.samples, block.components, block.properties
+                    )
+        out_blocks = [by_key[tuple(k)] for k in self.out_keys.values.tolist()]
+        return TensorMap(self.out_keys, out_blocks)
+
+
+# ---------------------------------------------------------------------- checks
+
+
+def verify(tensor: TensorMap, lmax: int) -> None:
+    """The chain is a correct program: it gives exactly what the adapters give."""
+    dtype = tensor.block(0).values.dtype
+    tol = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-12, "rtol": 1e-12}
+    for basis in ("featomic", "e3nn"):
+        D = e3nn_basis_change(lmax, dtype) if basis == "e3nn" else None
+        for layout in ("mul_ir", "ir_mul"):
+            to_irreps = TensorMapToIrreps(tensor, basis=basis, layout=layout)
+            ours = to_irreps(tensor)
+            theirs, samples = chain_to_irreps(tensor, layout, D)
+            assert samples.names == to_irreps.samples(tensor).names
+            assert torch.equal(samples.values, to_irreps.samples(tensor).values), "rows differ"
+            if basis == "featomic":
+                assert torch.equal(ours, theirs), f"chain != adapter ({basis}, {layout})"
+            else:
+                assert torch.allclose(ours, theirs, **tol), f"chain != adapter ({basis}, {layout})"
+
+            back = to_irreps.inverse()(ours, samples)
+            back_chain = ChainInverse(tensor, layout, D)(theirs, samples)
+            assert back.keys == back_chain.keys == tensor.keys
+            for b1, b2, b0 in zip(back.blocks(), back_chain.blocks(), tensor.blocks()):
+                assert b1.samples == b2.samples == b0.samples
+                assert b1.properties == b2.properties == b0.properties
+                assert torch.allclose(b1.values, b2.values, **tol)
+                assert torch.allclose(b1.values, b0.values, **tol)
+
+
+# ---------------------------------------------------------------------- timing
+
+
+def measure(
+    variants: Dict[str, Callable[[], object]], rounds: int, min_run_time: float, threads: int
+) -> Dict[str, float]:
+    """Median seconds per call of every variant, measured in interleaved rounds (the
+    order is shuffled in each round) and pooled over all rounds' blocks."""
+    timers = {
+        name: Timer(stmt="f()", globals={"f": f}, num_threads=threads)
+        for name, f in variants.items()
+    }
+    for f in variants.values():  # warm up (TorchScript profiling runs, allocator)
+        for _ in range(3):
+            f()
+    times: Dict[str, List[float]] = {name: [] for name in variants}
+    names = list(variants)
+    rng = random.Random(0)
+    for _ in range(rounds):
+        rng.shuffle(names)
+        for name in names:
+            times[name].extend(timers[name].blocked_autorange(min_run_time=min_run_time).times)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def forward_backward(
+    module, inputs: Tuple, grads, params: List[torch.Tensor]
+) -> Callable[[], None]:
+    def run():
+        for p in params:
+            p.grad = None
+        out = module(*inputs)
+        if isinstance(out, tuple):
+            out = out[0]
+        if isinstance(out, torch.Tensor):
+            out.backward(grads)
+        else:  # a TensorMap
+            torch.autograd.backward([b.values for b in out.blocks()], grads)
+
+    return run
+
+
+def script(module):
+    return torch.jit.script(module)
+
+
+def reference_variants(
+    args, dtype_name: str
+) -> Tuple[Dict[str, Callable], Dict[str, dict], int]:
+    """Every variant for one dtype, with a description of each."""
+    dtype = DTYPES[dtype_name]
+    tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial, dtype=dtype)
+    tensor_g = featomic_like(
+        args.systems, args.atoms, args.lmax, args.radial, dtype=dtype, requires_grad=True
+    )
+    params = leaves(tensor_g)
+    size = nbytes(tensor)
+    buffer = torch.randn(size // tensor.block(0).values.element_size(), dtype=dtype)
+
+    variants: Dict[str, Callable] = {}
+    info: Dict[str, dict] = {}
+
+    def add(name, f, **kw):
+        variants[name] = f
+        info[name] = dict(dtype=dtype_name, **kw)
+
+    add(f"clone {dtype_name}", lambda: buffer.clone(), direction="-", impl="clone", basis="-",
+        layout="-", mode="fwd")
+    for basis in ("featomic", "e3nn"):
+        D = e3nn_basis_change(args.lmax, dtype) if basis == "e3nn" else None
+        for layout in ("mul_ir", "ir_mul"):
+            common = dict(basis=basis, layout=layout)
+            # ---- TensorMap -> irreps
+            eager = TensorMapToIrreps(tensor, basis=basis, layout=layout)
+            x, samples = chain_to_irreps(tensor, layout, D)
+            grad_x = torch.randn_like(x)
+            add(f"chain to_irreps fwd {dtype_name} {basis} {layout}",
+                (lambda l=layout, d=D: chain_to_irreps(tensor, l, d)),
+                direction="to_irreps", impl="chain", mode="fwd", **common)
+            add(f"chain to_irreps fwd+bwd {dtype_name} {basis} {layout}",
+                forward_backward(lambda t, l=layout, d=D: chain_to_irreps(t, l, d),
+                                 (tensor_g,), grad_x, params),
+                direction="to_irreps", impl="chain", mode="fwd+bwd", **common)
+            for impl, module in (("eager", eager), ("script", script(eager))):
+                add(f"to_irreps fwd {dtype_name} {basis} {layout} {impl}",
+                    (lambda m=module: m(tensor)),
+                    direction="to_irreps", impl=impl, mode="fwd", **common)
+                add(f"to_irreps fwd+bwd {dtype_name} {basis} {layout} {impl}",
+                    forward_backward(module, (tensor_g,), grad_x, params),
+                    direction="to_irreps", impl=impl, mode="fwd+bwd", **common)
+            # ---- irreps -> TensorMap
+            inverse = eager.inverse()
+            chain_inverse = ChainInverse(tensor, layout, D)
+            x_g = x.clone().requires_grad_(True)
+            grads_tm = [torch.randn_like(v) for v in leaves(tensor)]
+            add(f"chain to_tensor_map fwd {dtype_name} {basis} {layout}",
+                (lambda c=chain_inverse, x=x, s=samples: c(x, s)),
+                direction="to_tensor_map", impl="chain", mode="fwd", **common)
+            add(f"chain to_tensor_map fwd+bwd {dtype_name} {basis} {layout}",
+                forward_backward(chain_inverse, (x_g, samples), grads_tm, [x_g]),
+                direction="to_tensor_map", impl="chain", mode="fwd+bwd", **common)
+            for impl, module in (("eager", inverse), ("script", script(inverse))):
+                add(f"to_tensor_map fwd {dtype_name} {basis} {layout} {impl}",
+                    (lambda m=module, x=x, s=samples: m(x, s)),
+                    direction="to_tensor_map", impl=impl, mode="fwd", **common)
+                add(f"to_tensor_map fwd+bwd {dtype_name} {basis} {layout} {impl}",
+                    forward_backward(module, (x_g, samples), grads_tm, [x_g]),
+                    direction="to_tensor_map", impl=impl, mode="fwd+bwd", **common)
+    return variants, info, size
+
+
+def print_table(results: Dict[str, float], info: Dict[str, dict]) -> None:
+    clone = {i["dtype"]: results[n] for n, i in info.items() if i["impl"] == "clone"}
+    chain = {}
+    for n, i in info.items():
+        if i["impl"] == "chain":
+            chain[(i["direction"], i["dtype"], i["basis"], i["layout"], i["mode"])] = results[n]
+    header = (
+        f"| {'direction':<13} | {'dtype':<7} | {'basis':<8} | {'layout':<6} | {'pass':<7} | "
+        f"{'impl':<6} | {'median':>10} | {'ratio to clone':>14} | {'speed-up vs chain':>17} |"
+    )
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    order = {"clone": 0, "chain": 1, "eager": 2, "script": 3}
+    names = sorted(
+        results,
+        key=lambda n: (
+            info[n]["dtype"], info[n]["direction"] != "-", info[n]["direction"],
+            info[n]["basis"], info[n]["layout"], info[n]["mode"], order[info[n]["impl"]],
+        ),
+    )
+    for n in names:
+        i = info[n]
+        t = results[n]
+        ratio = t / clone[i["dtype"]]
+        key = (i["direction"], i["dtype"], i["basis"], i["layout"], i["mode"])
+        speedup = f"{chain[key] / t:.2f}x" if key in chain else "-"
+        print(
+            f"| {i['direction']:<13} | {i['dtype']:<7} | {i['basis']:<8} | {i['layout']:<6} | "
+            f"{i['mode']:<7} | {i['impl']:<6} | {fmt_time(t):>10} | {ratio:>14.2f} | "
+            f"{speedup:>17} |"
+        )
+
+
+def fmt_time(t: float) -> str:
+    if t >= 1e-3:
+        return f"{t * 1e3:.2f} ms"
+    return f"{t * 1e6:.1f} us"
+
+
+# ---------------------------------------------------------------------- memory
+
+
+class quiet_stderr:
+    """Silence file descriptor 2 (kineto prints its start/stop lines there)."""
+
+    def __enter__(self):
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+
+
+def peak_memory(f: Callable[[], object]) -> Tuple[int, int]:
+    """(peak, retained) bytes allocated through torch's CPU allocator during ``f()``,
+    above the level at entry: the running sum of the profiler's ``[memory]`` events
+    (profile_memory=True). ``retained`` is what is still allocated when ``f`` returns
+    (its output, plus anything autograd saved). Memory outside torch's allocator
+    (metatensor's Rust-side Labels indexes, Python objects) is not counted."""
+    from torch.profiler import ProfilerActivity, profile
+
+    f()  # warm-up: TorchScript optimisation passes, lazily-built buffers
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = f()
+    events = [
+        (e.start_ns(), e.nbytes())
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")
+    ]
+    events.sort()
+    live = peak = 0
+    for _, n in events:
+        live += n
+        peak = max(peak, live)
+    del out
+    return peak, live
+
+
+def print_memory(args) -> None:
+    tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial, dtype=torch.float32)
+    size = nbytes(tensor)
+    buffer = torch.zeros(size // 4)
+    D = e3nn_basis_change(args.lmax, torch.float32)
+    print(
+        f"\nPeak memory of one forward (float32, reference case, inputs not requiring grad);"
+        f"\ninput block values: {size / 1e6:.2f} MB. 'peak' = peak bytes allocated through"
+        f"\ntorch's CPU allocator during the call above the level at entry (profiler"
+        f"\nprofile_memory events), 'output' = still allocated after the call, 'extra' ="
+        f"\npeak - output (transient intermediates). Rust-side metatensor Labels are not seen.\n"
+    )
+    print(f"| {'variant':<44} | {'peak MB':>8} | {'output MB':>9} | {'extra MB':>8} | {'extra / input':>13} |")
+    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 15}|")
+    rows = [("clone", lambda: buffer.clone())]
+    for basis in ("featomic", "e3nn"):
+        d = D if basis == "e3nn" else None
+        for layout in ("mul_ir", "ir_mul"):
+            m = TensorMapToIrreps(tensor, basis=basis, layout=layout)
+            s = script(m)
+            x, samples = chain_to_irreps(tensor, layout, d)
+            inv = m.inverse()
+            ci = ChainInverse(tensor, layout, d)
+            rows += [
+                (f"chain to_irreps {basis} {layout}",
+                 lambda l=layout, d=d: chain_to_irreps(tensor, l, d)),
+                (f"to_irreps {basis} {layout} eager", lambda m=m: m(tensor)),
+                (f"to_irreps {basis} {layout} script", lambda s=s: s(tensor)),
+                (f"chain to_tensor_map {basis} {layout}", lambda c=ci, x=x, sa=samples: c(x, sa)),
+                (f"to_tensor_map {basis} {layout} eager", lambda m=inv, x=x, sa=samples: m(x, sa)),
+            ]
+    for name, f in rows:
+        peak, kept = peak_memory(f)
+        print(
+            f"| {name:<44} | {peak / 1e6:>8.2f} | {kept / 1e6:>9.2f} | "
+            f"{(peak - kept) / 1e6:>8.2f} | {(peak - kept) / size:>13.2f} |"
+        )
+
+
+# ---------------------------------------------------------------------- host syncs
+
+
+HOST_READ_OPS = (
+    "equal", "is_nonzero", "_local_scalar_dense", "item", "nonzero", "unique_dim",
+    "_unique2", "unique_consecutive", "bincount", "masked_select", "repeat_interleave",
+)
+
+
+def count_host_reads(f: Callable[[], object]) -> Dict[str, int]:
+    """aten operators whose result the host must read (a device -> host sync on a GPU)
+    executed by ``f()``, counted with a TorchDispatchMode (this sees the operators
+    called from TorchScript and from metatensor-torch's C++ too). Copies to the CPU and
+    ``.tolist()`` of tensors already on the CPU are invisible on a CPU-only machine:
+    see benchmarks/README.md for those."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    counts: Dict[str, int] = {}
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name in HOST_READ_OPS:
+                counts[name] = counts.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        f()
+    return counts
+
+
+def print_host_reads(args) -> None:
+    tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial)
+    n_blocks = len(tensor.keys)
+    print(
+        f"\nHost reads of one forward (reference case, {n_blocks} blocks, 3 center types): "
+        "aten ops whose result goes to Python\n(each one is a device->host sync on a GPU)."
+    )
+    for check in (True, False):
+        m = TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir", check=check)
+        x = m(tensor)
+        samples = m.samples(tensor)
+        inv = m.inverse()
+        for name, f in (
+            (f"to_irreps eager check={check}", lambda: m(tensor)),
+            (f"to_irreps script check={check}", lambda s=script(m): s(tensor)),
+        ):
+            f()
+            print(f"  {name:<32} {count_host_reads(f)}")
+    print(f"  {'to_tensor_map eager':<32} {count_host_reads(lambda: inv(x, samples))}")
+    print(f"  {'chain to_irreps':<32} {count_host_reads(lambda: chain_to_irreps(tensor, 'mul_ir', None))}")
+
+
+# ---------------------------------------------------------------------- extra modes
+
+
+def check_overhead(args) -> None:
+    print("\ncheck=True vs check=False, TensorMapToIrreps forward, float32, e3nn, mul_ir:\n")
+    print(f"| {'case':<24} | {'impl':<6} | {'check=True':>10} | {'check=False':>11} | {'overhead':>8} |")
+    print(f"|{'-' * 26}|{'-' * 8}|{'-' * 12}|{'-' * 13}|{'-' * 10}|")
+    for systems, atoms in ((1, 8), (args.systems, args.atoms)):
+        tensor = featomic_like(systems, atoms, args.lmax, args.radial)
+        variants = {}
+        for check in (True, False):
+            m = TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir", check=check)
+            variants[f"eager {check}"] = lambda m=m: m(tensor)
+            variants[f"script {check}"] = lambda s=script(m): s(tensor)
+        r = measure(variants, args.rounds, args.min_run_time, args.threads)
+        for impl in ("eager", "script"):
+            on, off = r[f"{impl} True"], r[f"{impl} False"]
+            case = f"{systems} x {atoms} atoms, lmax {args.lmax}"
+            print(
+                f"| {case:<24} | {impl:<6} | {fmt_time(on):>10} | {fmt_time(off):>11} | "
+                f"{(on - off) / off * 100:>7.1f}% |"
+            )
+
+
+def profile_slowest(args) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial, requires_grad=True)
+    m = TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir")
+    x = m(tensor)
+    grad = torch.randn_like(x)
+    plain = featomic_like(args.systems, args.atoms, args.lmax, args.radial)
+    featomic_basis = script(TensorMapToIrreps(plain, basis="featomic", layout="mul_ir"))
+    for name, f in (
+        ("to_irreps fwd script featomic mul_ir", lambda: featomic_basis(plain)),
+        ("to_irreps fwd+bwd eager e3nn mul_ir", lambda: m(tensor).backward(grad)),
+        ("to_tensor_map fwd eager e3nn mul_ir",
+         lambda inv=m.inverse(), s=m.samples(tensor), y=x.detach(): inv(y, s)),
+    ):
+        f()
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                f()
+        print(f"\nprofile of {name}, float32, reference case (5 calls):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+
+
+def sweep(args) -> None:
+    """Clone / chain / adapters vs size: atoms at lmax 6, then lmax at 16 x 125 atoms."""
+    cases = [(1, 8, 6), (1, 125, 6), (4, 125, 6), (16, 125, 6), (64, 125, 6), (400, 125, 6)]
+    cases += [(16, 125, l) for l in (2, 4, 8)]
+    records = []
+    print(f"\n| {'case':<28} | {'MB':>7} | {'clone':>9} | {'chain':>9} | {'eager':>9} | "
+          f"{'script':>9} | {'script e3nn':>11} | {'chain/script':>12} |")
+    print("|" + "|".join("-" * w for w in (30, 9, 11, 11, 11, 11, 13, 14)) + "|")
+    for systems, atoms, lmax in cases:
+        tensor = featomic_like(systems, atoms, lmax, args.radial)
+        size = nbytes(tensor)
+        buffer = torch.zeros(size // 4)
+        D = e3nn_basis_change(lmax, torch.float32)
+        eager = TensorMapToIrreps(tensor, basis="featomic", layout="mul_ir")
+        scripted = script(eager)
+        scripted_e3nn = script(TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir"))
+        variants = {
+            "clone": lambda: buffer.clone(),
+            "chain": lambda: chain_to_irreps(tensor, "mul_ir", None),
+            "chain e3nn": lambda: chain_to_irreps(tensor, "mul_ir", D),
+            "eager": lambda: eager(tensor),
+            "script": lambda: scripted(tensor),
+            "script e3nn": lambda: scripted_e3nn(tensor),
+        }
+        r = measure(variants, args.sweep_rounds, args.min_run_time, args.threads)
+        case = f"{systems} x {atoms} atoms, lmax {lmax}"
+        print(
+            f"| {case:<28} | {size / 1e6:>7.3f} | {fmt_time(r['clone']):>9} | "
+            f"{fmt_time(r['chain']):>9} | {fmt_time(r['eager']):>9} | "
+            f"{fmt_time(r['script']):>9} | {fmt_time(r['script e3nn']):>11} | "
+            f"{r['chain'] / r['script']:>11.2f}x |",
+            flush=True,
+        )
+        records.append(
+            dict(systems=systems, atoms=systems * atoms, lmax=lmax, bytes=size, seconds=r)
+        )
+        del tensor, buffer
+    floor = records[0]["seconds"]
+    print(
+        f"\nper-call floor (1 system x 8 atoms, lmax 6): adapter script "
+        f"{fmt_time(floor['script'])}, eager {fmt_time(floor['eager'])}, chain "
+        f"{fmt_time(floor['chain'])}, clone {fmt_time(floor['clone'])}"
+    )
+    path = os.path.join(HERE, "sweep.json")
+    with open(path, "w") as f:
+        json.dump(dict(machine=machine(), radial=args.radial, records=records), f, indent=1)
+    print(f"wrote {path}; plot it with `python benchmarks/plot.py`")
+
+
+# ---------------------------------------------------------------------- main
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--systems", type=int, default=16)
+    parser.add_argument("--atoms", type=int, default=125, help="atoms per system")
+    parser.add_argument("--lmax", type=int, default=6)
+    parser.add_argument("--radial", type=int, default=8, help="radial functions (n)")
+    parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=DTYPES)
+    parser.add_argument(
+        "--threads", type=int, default=1,
+        help="torch threads (default 1: on a shared machine, OpenMP barriers of a "
+        "multi-threaded run stall whenever another process takes a core, inflating "
+        "times up to 10x; use the core count on a quiet machine)",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--min-run-time", type=float, default=0.05,
+                        help="seconds per blocked_autorange, per variant and round")
+    parser.add_argument("--check-overhead", action="store_true",
+                        help="also time check=True against check=False")
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler tables of the slowest adapters")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only run the size/lmax sweep, writing benchmarks/sweep.json")
+    parser.add_argument("--sweep-rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    print("settings:", " ".join(f"{k}={v}" for k, v in vars(args).items()))
+    for k, v in machine().items():
+        print(f"  {k:<16} {v}")
+    sys.stdout.flush()
+
+    if args.sweep:
+        sweep(args)
+        return
+
+    for dtype_name in args.dtypes:
+        tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial,
+                               dtype=DTYPES[dtype_name])
+        verify(tensor, args.lmax)
+        n_blocks = len(tensor.keys)
+    print("\nverified: the metatensor chain gives the adapters' numbers, rows and blocks "
+          "(both bases, both layouts, both directions)")
+
+    results: Dict[str, float] = {}
+    info: Dict[str, dict] = {}
+    sizes = {}
+    for dtype_name in args.dtypes:
+        variants, i, size = reference_variants(args, dtype_name)
+        sizes[dtype_name] = size
+        results.update(measure(variants, args.rounds, args.min_run_time, args.threads))
+        info.update(i)
+    print(
+        f"\nreference case: {args.systems} systems x {args.atoms} atoms, 3 atom types, "
+        f"lmax {args.lmax}, {args.radial} radial -> {n_blocks} blocks, "
+        + ", ".join(f"{d} {s / 1e6:.2f} MB" for d, s in sizes.items())
+    )
+    print("median per call; ratio = time / time of a clone of the same bytes; "
+          "speed-up = chain time / this time (same direction, dtype, basis, layout, pass)\n")
+    print_table(results, info)
+
+    print_memory(args)
+    print_host_reads(args)
+    if args.check_overhead:
+        check_overhead(args)
+    if args.profile:
+        profile_slowest(args)
+    print("\nload average at the end:", " ".join(f"{x:.2f}" for x in os.getloadavg()))
+
+
+if __name__ == "__main__":
+    main()
