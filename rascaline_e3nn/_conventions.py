@@ -4,6 +4,7 @@ Everything that relates a metatensor key ``(o3_lambda, o3_sigma)`` to an e3nn ir
 and featomic's real spherical harmonics to e3nn's, lives here.
 """
 
+import functools
 from typing import List, Tuple
 
 import torch
@@ -58,6 +59,11 @@ def change_of_basis(l: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
             [1., 0., 0.],
             [0., 1., 0.]], dtype=torch.float64)
     """
+    return _change_of_basis(l).to(dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _change_of_basis(l: int) -> torch.Tensor:
     Q = torch.tensor(BASIS_CHANGE_MATRIX, dtype=torch.float64)
     # e3nn builds its generators in the default dtype: float32 would limit D to ~1e-7
     default = torch.get_default_dtype()
@@ -70,7 +76,7 @@ def change_of_basis(l: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     D = torch.where(D.abs() < 1e-12, torch.zeros_like(D), D)
     if l <= 1:
         D = D.round() + 0.0
-    return D.to(dtype)
+    return D
 
 
 def basis_permutation(l: int) -> List[int]:

@@ -148,6 +148,8 @@ class Layout:
         for index in range(len(template.keys)):
             key = tuple(int(v) for v in keys[index])
             described = _describe_key(key_names, key)
+            if any(r[0] == key for r in raw):
+                raise ValueError(f"the template has the key {described} twice")
             block = template.block_by_id(index)
             l, s = key[col["o3_lambda"]], key[col["o3_sigma"]]
             try:

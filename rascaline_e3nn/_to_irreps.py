@@ -19,6 +19,10 @@ from ._tables import (
 )
 
 
+def _dtype_name(value: torch.Tensor) -> str:
+    return str(value.dtype)
+
+
 class TensorMapToIrreps(torch.nn.Module):
     r"""Convert a :py:class:`~metatensor.torch.TensorMap` of spherical tensors (as
     produced by featomic's ``SphericalExpansion``, ``LodeSphericalExpansion`` or
@@ -82,6 +86,7 @@ class TensorMapToIrreps(torch.nn.Module):
     _block_group: List[int]
     _block_prop_ptr: List[int]
     _block_prop_dims: List[int]
+    _block_prop_names: List[List[str]]
     _seg_l: List[int]
     _piece_block: List[int]
     _piece_start: List[int]
@@ -129,6 +134,7 @@ class TensorMapToIrreps(torch.nn.Module):
             dims.append(b.properties.shape[1])
         self._block_prop_ptr = ptr
         self._block_prop_dims = dims
+        self._block_prop_names = [list(plan.property_names[(b.l, b.p)]) for b in plan.blocks]
         props = torch.cat([b.properties.reshape(-1) for b in plan.blocks])
         self.register_buffer("_props", props, persistent=False)
 
@@ -229,6 +235,14 @@ class TensorMapToIrreps(torch.nn.Module):
                 + "from a template (or calculator and atom_types) containing this key"
             )
         slots: List[int] = equal.to(torch.int32).argmax(dim=1).tolist()
+        seen: List[bool] = [False] * self._n_blocks
+        for i in range(len(slots)):
+            if seen[slots[i]]:
+                raise ValueError(
+                    "block " + describe_key(self._key_names, values[i])
+                    + " appears twice in the input keys"
+                )
+            seen[slots[i]] = True
         return slots
 
     def _collect(
@@ -262,7 +276,17 @@ class TensorMapToIrreps(torch.nn.Module):
             if value.dim() != 3 or value.shape[1] != 2 * l + 1:
                 fast = False
                 break
-            if block.samples.names != self._sample_names or len(block.gradients_list()) != 0:
+            if self._e3nn_basis and not value.is_floating_point():
+                raise ValueError(
+                    "block " + describe_key(self._key_names, self._keys_host[t])
+                    + " has values of dtype " + _dtype_name(value)
+                    + ": the e3nn basis change needs floating point values"
+                )
+            if (
+                block.samples.names != self._sample_names
+                or block.properties.names != self._block_prop_names[t]
+                or len(block.gradients_list()) != 0
+            ):
                 fast = False
                 break
             if self._check:
@@ -377,6 +401,11 @@ class TensorMapToIrreps(torch.nn.Module):
                 v = values[t]
                 assert v is not None
                 n = v.shape[0]
+                if torch.unique(inverse[start : start + n]).shape[0] != n:
+                    raise ValueError(
+                        "block " + describe_key(self._key_names, self._keys_host[t])
+                        + " has duplicated samples"
+                    )
                 full = torch.zeros(
                     (union.shape[0], v.shape[1], v.shape[2]),
                     dtype=v.dtype,
@@ -396,6 +425,12 @@ class TensorMapToIrreps(torch.nn.Module):
     ) -> torch.Tensor:
         expected = self._template_properties(t).to(value.device)
         actual = properties.values
+        if properties.names != self._block_prop_names[t]:
+            raise ValueError(
+                "block " + describe_key(self._key_names, self._keys_host[t])
+                + " has properties " + str(properties.names) + ", the template has "
+                + str(self._block_prop_names[t])
+            )
         if actual.shape == expected.shape and torch.equal(actual, expected):
             return value
         where = describe_key(self._key_names, self._keys_host[t])
@@ -430,7 +465,17 @@ class TensorMapToIrreps(torch.nn.Module):
             parts.append(torch.cat([s, key.expand(s.shape[0], key.shape[1])], dim=1))
         rows = torch.cat(parts)
         order = lexsort(rows)
-        return rows.index_select(0, order), inverse_permutation(order)
+        rows = rows.index_select(0, order)
+        if self._check and rows.shape[0] > 1:
+            same = (rows[1:] == rows[:-1]).all(dim=1)
+            if bool(same.any()):
+                i = int(torch.nonzero(same)[0, 0])
+                raise ValueError(
+                    "duplicated sample "
+                    + describe_key(self._sample_names + self._row_key_names, rows[i])
+                    + " in the input blocks"
+                )
+        return rows, inverse_permutation(order)
 
     def _channel_form(self, v: torch.Tensor, l: int, basis: torch.Tensor) -> torch.Tensor:
         """``[n, P, 2l+1]`` (mul_ir) or ``[n, 2l+1, P]`` (ir_mul), in the output basis."""
@@ -486,7 +531,9 @@ class TensorMapToIrreps(torch.nn.Module):
                 k0 = self._piece_ptr[g * self._n_segments + s]
                 k1 = self._piece_ptr[g * self._n_segments + s + 1]
                 self._segment_pieces(pieces, forms, s, k0, k1, n, dtype, device)
-            if len(pieces) == 1:
+            if len(pieces) == 0:  # every segment without channels
+                outputs.append(torch.zeros((n, 0), dtype=dtype, device=device))
+            elif len(pieces) == 1:
                 outputs.append(pieces[0].reshape(n, self._dim))
             else:
                 outputs.append(torch.cat(pieces, dim=1))

@@ -8,7 +8,14 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from ._conventions import BASES, LAYOUTS, check_option
 from ._plan import Layout
-from ._tables import basis_tables, describe_key, int_list, inverse_permutation, labels
+from ._tables import (
+    basis_tables,
+    describe_key,
+    int_list,
+    inverse_permutation,
+    labels,
+    lexsort,
+)
 
 
 class IrrepsToTensorMap(torch.nn.Module):
@@ -219,6 +226,11 @@ class IrrepsToTensorMap(torch.nn.Module):
                 "expected a tensor of shape [n_rows, " + str(self._dim) + "] for irreps "
                 + "of dimension " + str(self._dim) + ", got " + str(x.shape)
             )
+        if self._e3nn_basis and not x.is_floating_point():
+            raise ValueError(
+                "the input must be floating point for the e3nn basis change, got "
+                + str(x.dtype)
+            )
         n_rows = x.shape[0]
         if samples.values.shape[0] != n_rows:
             raise ValueError(
@@ -276,9 +288,17 @@ class IrrepsToTensorMap(torch.nn.Module):
         group_x = torch.split(grouped_x, counts, dim=0)
         for g in range(self._n_groups):
             n = counts[g]
-            group_labels.append(
-                labels(sample_names, grouped_samples[start : start + n][:, sample_columns])
-            )
+            group_values = grouped_samples[start : start + n][:, sample_columns]
+            if n > 1:
+                sorted_values = group_values.index_select(0, lexsort(group_values))
+                same = (sorted_values[1:] == sorted_values[:-1]).all(dim=1)
+                if bool(same.any()):
+                    i = int(torch.nonzero(same)[0, 0])
+                    raise ValueError(
+                        "samples contain " + describe_key(sample_names, sorted_values[i])
+                        + " more than once (for the same block)"
+                    )
+            group_labels.append(labels(sample_names, group_values))
             start += n
             segments = torch.split(group_x[g], self._seg_dims, dim=1)
             for s in range(self._n_segments):
@@ -296,11 +316,17 @@ class IrrepsToTensorMap(torch.nn.Module):
             parts: List[torch.Tensor] = []
             for i in range(self._block_piece_ptr[t], self._block_piece_ptr[t + 1]):
                 parts.append(pieces[self._block_pieces[i]])
-            if len(parts) == 1:
+            l = self._block_l[t]
+            if len(parts) == 0:  # a block without properties
+                n = counts[self._block_group[t]]
+                if cd == 1:
+                    w = torch.zeros((n, 0, 2 * l + 1), dtype=x.dtype, device=device)
+                else:
+                    w = torch.zeros((n, 2 * l + 1, 0), dtype=x.dtype, device=device)
+            elif len(parts) == 1:
                 w = parts[0]
             else:
                 w = torch.cat(parts, dim=cd)
-            l = self._block_l[t]
             blocks.append(
                 TensorBlock(
                     values=self._featomic_values(w, l, basis),
