@@ -87,7 +87,10 @@ class TensorMapToIrreps(torch.nn.Module):
     _block_prop_ptr: List[int]
     _block_prop_dims: List[int]
     _block_prop_names: List[List[str]]
+    _group_blocks: List[int]
+    _group_block_ptr: List[int]
     _seg_l: List[int]
+    _seg_mul: List[int]
     _piece_block: List[int]
     _piece_start: List[int]
     _piece_len: List[int]
@@ -135,6 +138,13 @@ class TensorMapToIrreps(torch.nn.Module):
         self._block_prop_ptr = ptr
         self._block_prop_dims = dims
         self._block_prop_names = [list(plan.property_names[(b.l, b.p)]) for b in plan.blocks]
+        group_blocks: List[int] = []
+        group_block_ptr = [0]
+        for g in range(len(plan.groups)):
+            group_blocks.extend(t for t, b in enumerate(plan.blocks) if b.group == g)
+            group_block_ptr.append(len(group_blocks))
+        self._group_blocks = group_blocks
+        self._group_block_ptr = group_block_ptr
         props = torch.cat([b.properties.reshape(-1) for b in plan.blocks])
         self.register_buffer("_props", props, persistent=False)
 
@@ -143,6 +153,7 @@ class TensorMapToIrreps(torch.nn.Module):
         self.register_buffer("_group_keys", groups, persistent=False)
 
         self._seg_l = [s.l for s in plan.segments]
+        self._seg_mul = [s.mul for s in plan.segments]
         piece_block: List[int] = []
         piece_start: List[int] = []
         piece_len: List[int] = []
@@ -514,38 +525,38 @@ class TensorMapToIrreps(torch.nn.Module):
                 break
         basis = self._basis.to(dtype=dtype, device=device)
 
+        _, position = self._rows(group_samples)
+        out = torch.empty((position.shape[0], self._dim), dtype=dtype, device=device)
+        # Row groups one after the other, so that the memory of one group's
+        # intermediates is reused by the next: fresh pages cost more than the copies.
         forms: List[Optional[torch.Tensor]] = []
         for t in range(self._n_blocks):
-            v = values[t]
-            if v is None:
-                forms.append(None)
-            else:
-                forms.append(self._channel_form(v, self._block_l[t], basis))
-
-        outputs: List[torch.Tensor] = []
+            forms.append(None)
+        start = 0
         for g in range(self._n_groups):
             n = group_samples[g].shape[0]
+            for i in range(self._group_block_ptr[g], self._group_block_ptr[g + 1]):
+                t = self._group_blocks[i]
+                v = values[t]
+                if v is not None:
+                    forms[t] = self._channel_form(v, self._block_l[t], basis)
             # 2-D pieces [n, width] in the order of the output columns: one cat
             pieces: List[torch.Tensor] = []
             for s in range(self._n_segments):
                 k0 = self._piece_ptr[g * self._n_segments + s]
                 k1 = self._piece_ptr[g * self._n_segments + s + 1]
                 self._segment_pieces(pieces, forms, s, k0, k1, n, dtype, device)
+            for i in range(self._group_block_ptr[g], self._group_block_ptr[g + 1]):
+                forms[self._group_blocks[i]] = None
             if len(pieces) == 0:  # every segment without channels
-                outputs.append(torch.zeros((n, 0), dtype=dtype, device=device))
+                group = torch.zeros((n, 0), dtype=dtype, device=device)
             elif len(pieces) == 1:
-                outputs.append(pieces[0].reshape(n, self._dim))
+                group = pieces[0].reshape(n, self._dim)
             else:
-                outputs.append(torch.cat(pieces, dim=1))
-
-        _, position = self._rows(group_samples)
-        if len(outputs) == 1:
-            grouped = outputs[0]
-        else:
-            grouped = torch.cat(outputs, dim=0)
-        out = torch.empty((grouped.shape[0], self._dim), dtype=dtype, device=device)
-        # a scatter of whole rows on a fresh tensor: its backward is the inverse gather
-        out.index_put_((position,), grouped)
+                group = torch.cat(pieces, dim=1)
+            # a scatter of whole rows: its backward is the inverse gather
+            out.index_put_((position[start : start + n],), group)
+            start += n
         return out
 
     def _segment_pieces(
@@ -576,15 +587,22 @@ class TensorMapToIrreps(torch.nn.Module):
                     run = form.narrow(1, self._piece_start[k], length)
                     pieces.append(run.reshape(n, length * n_m))
         else:
-            # ir_mul: for each m, the runs of channels
-            for m in range(n_m):
-                for k in range(k0, k1):
-                    t = self._piece_block[k]
-                    length = self._piece_len[k]
-                    form: Optional[torch.Tensor] = None
-                    if t >= 0:
-                        form = forms[t]
-                    if form is None:
-                        pieces.append(torch.zeros((n, length), dtype=dtype, device=device))
-                    else:
-                        pieces.append(form[:, m].narrow(1, self._piece_start[k], length))
+            # ir_mul: [n, 2l+1, mul] from the runs along the channel axis (a cat along
+            # the last axis of contiguous blocks copies whole runs: much faster than
+            # one piece per m)
+            parts: List[torch.Tensor] = []
+            for k in range(k0, k1):
+                t = self._piece_block[k]
+                length = self._piece_len[k]
+                form: Optional[torch.Tensor] = None
+                if t >= 0:
+                    form = forms[t]
+                if form is None:
+                    parts.append(torch.zeros((n, n_m, length), dtype=dtype, device=device))
+                else:
+                    parts.append(form.narrow(2, self._piece_start[k], length))
+            width = n_m * self._seg_mul[s]
+            if len(parts) == 1:
+                pieces.append(parts[0].reshape(n, width))
+            elif len(parts) > 1:
+                pieces.append(torch.cat(parts, dim=2).reshape(n, width))
