@@ -278,6 +278,9 @@ class TensorMapToIrreps(torch.nn.Module):
         # share their samples. Anything else takes the detailed path below, which
         # handles (or names) it block by block.
         fast = True
+        # on a GPU, the comparisons are gathered into one read; on the CPU there is
+        # nothing to synchronise and torch.equal is the cheapest comparison
+        on_cpu = device.type == "cpu"
         flags: List[torch.Tensor] = []
         for i in range(len(slots)):
             t = slots[i]
@@ -311,13 +314,23 @@ class TensorMapToIrreps(torch.nn.Module):
                     break
                 L = (self._mu.shape[0] - 1) // 2
                 mu = self._mu[L - l : L + l + 1].to(value.device)
-                flags.append((components[0].values.reshape(-1) == mu).all())
+                if on_cpu:
+                    if not torch.equal(components[0].values.reshape(-1), mu):
+                        fast = False
+                        break
+                else:
+                    flags.append((components[0].values.reshape(-1) == mu).all())
             actual = block.properties.values
             expected = self._template_properties(t)
             if actual.shape != expected.shape:
                 fast = False
                 break
-            flags.append((actual == expected.to(actual.device)).all())
+            if on_cpu:
+                if not torch.equal(actual, expected):
+                    fast = False
+                    break
+            else:
+                flags.append((actual == expected.to(actual.device)).all())
             values[t] = value
             samples[t] = block.samples.values
             g = self._block_group[t]
@@ -329,7 +342,12 @@ class TensorMapToIrreps(torch.nn.Module):
                 if reference.shape != block.samples.values.shape:
                     fast = False
                     break
-                flags.append((block.samples.values == reference).all())
+                if on_cpu:
+                    if not torch.equal(block.samples.values, reference):
+                        fast = False
+                        break
+                else:
+                    flags.append((block.samples.values == reference).all())
         if fast and len(flags) > 0:
             fast = bool(torch.stack(flags).all())
         if fast:
