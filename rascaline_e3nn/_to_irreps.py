@@ -16,6 +16,7 @@ from ._tables import (
     inverse_permutation,
     labels,
     lexsort,
+    scatter_rows,
 )
 
 
@@ -572,8 +573,7 @@ class TensorMapToIrreps(torch.nn.Module):
                 group = pieces[0].reshape(n, self._dim)
             else:
                 group = torch.cat(pieces, dim=1)
-            # a scatter of whole rows: its backward is the inverse gather
-            out.index_put_((position[start : start + n],), group)
+            scatter_rows(out, position[start : start + n], group)
             start += n
         return out
 
