@@ -20,6 +20,14 @@ from ._tables import (
 )
 
 
+def _run(form: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """A run of channels; the whole tensor when the run covers it (a narrow, even a
+    full one, costs a zero-filled copy of the block in backward)."""
+    if start == 0 and length == form.shape[dim]:
+        return form
+    return form.narrow(dim, start, length)
+
+
 def _dtype_name(value: torch.Tensor) -> str:
     return str(value.dtype)
 
@@ -88,6 +96,8 @@ class TensorMapToIrreps(torch.nn.Module):
     _block_prop_ptr: List[int]
     _block_prop_dims: List[int]
     _block_prop_names: List[List[str]]
+    _mu_of_l: List[torch.Tensor]
+    _properties_of_block: List[torch.Tensor]
     _group_blocks: List[int]
     _group_block_ptr: List[int]
     _seg_l: List[int]
@@ -179,6 +189,9 @@ class TensorMapToIrreps(torch.nn.Module):
         self.register_buffer(
             "_mu", torch.arange(-L, L + 1, dtype=torch.int32), persistent=False
         )
+        # host copies for the checks of CPU inputs (moved per call for other devices)
+        self._mu_of_l = [torch.arange(-l, l + 1, dtype=torch.int32) for l in range(L + 1)]
+        self._properties_of_block = [b.properties.clone() for b in plan.blocks]
 
     # ------------------------------------------------------------------ metadata
 
@@ -297,32 +310,29 @@ class TensorMapToIrreps(torch.nn.Module):
                     + " has values of dtype " + _dtype_name(value)
                     + ": the e3nn basis change needs floating point values"
                 )
-            if (
-                block.samples.names != self._sample_names
-                or block.properties.names != self._block_prop_names[t]
-                or len(block.gradients_list()) != 0
-            ):
-                fast = False
-                break
+            block_samples = block.samples
+            properties = block.properties
             if self._check:
                 components = block.components
                 if (
-                    len(components) != 1
+                    block_samples.names != self._sample_names
+                    or properties.names != self._block_prop_names[t]
+                    or len(block.gradients_list()) != 0
+                    or len(components) != 1
                     or components[0].names != ["o3_mu"]
                     or components[0].values.shape[0] != 2 * l + 1
                 ):
                     fast = False
                     break
-                L = (self._mu.shape[0] - 1) // 2
-                mu = self._mu[L - l : L + l + 1].to(value.device)
+                mu = self._mu_of_l[l]
                 if on_cpu:
                     if not torch.equal(components[0].values.reshape(-1), mu):
                         fast = False
                         break
                 else:
-                    flags.append((components[0].values.reshape(-1) == mu).all())
-            actual = block.properties.values
-            expected = self._template_properties(t)
+                    flags.append((components[0].values.reshape(-1) == mu.to(device)).all())
+            actual = properties.values
+            expected = self._properties_of_block[t]
             if actual.shape != expected.shape:
                 fast = False
                 break
@@ -332,23 +342,24 @@ class TensorMapToIrreps(torch.nn.Module):
                     break
             else:
                 flags.append((actual == expected.to(actual.device)).all())
+            sample_values = block_samples.values
             values[t] = value
-            samples[t] = block.samples.values
+            samples[t] = sample_values
             g = self._block_group[t]
             if first[g] < 0:
                 first[g] = t
             else:
                 reference = samples[first[g]]
                 assert reference is not None
-                if reference.shape != block.samples.values.shape:
+                if reference.shape != sample_values.shape:
                     fast = False
                     break
                 if on_cpu:
-                    if not torch.equal(block.samples.values, reference):
+                    if not torch.equal(sample_values, reference):
                         fast = False
                         break
                 else:
-                    flags.append((block.samples.values == reference).all())
+                    flags.append((sample_values == reference).all())
         if fast and len(flags) > 0:
             fast = bool(torch.stack(flags).all())
         if fast:
@@ -546,8 +557,17 @@ class TensorMapToIrreps(torch.nn.Module):
 
         _, position = self._rows(group_samples)
         out = torch.empty((position.shape[0], self._dim), dtype=dtype, device=device)
-        # Row groups one after the other, so that the memory of one group's
-        # intermediates is reused by the next: fresh pages cost more than the copies.
+        # Without autograd, row groups go one after the other straight into the
+        # output, so that the memory of one group's intermediates is reused by the
+        # next (fresh pages cost more than the copies). With autograd, one scatter of
+        # all the rows: successive in-place scatters would each copy the whole
+        # gradient in backward.
+        needs_grad = False
+        if torch.is_grad_enabled():
+            for v in values:
+                if v is not None and v.requires_grad:
+                    needs_grad = True
+        grouped: List[torch.Tensor] = []
         forms: List[Optional[torch.Tensor]] = []
         for t in range(self._n_blocks):
             forms.append(None)
@@ -573,8 +593,16 @@ class TensorMapToIrreps(torch.nn.Module):
                 group = pieces[0].reshape(n, self._dim)
             else:
                 group = torch.cat(pieces, dim=1)
-            scatter_rows(out, position[start : start + n], group)
+            if needs_grad:
+                grouped.append(group)
+            else:
+                scatter_rows(out, position[start : start + n], group)
             start += n
+        if needs_grad:
+            if len(grouped) == 1:
+                scatter_rows(out, position, grouped[0])
+            else:
+                scatter_rows(out, position, torch.cat(grouped, dim=0))
         return out
 
     def _segment_pieces(
@@ -602,7 +630,7 @@ class TensorMapToIrreps(torch.nn.Module):
                 if form is None:
                     pieces.append(torch.zeros((n, length * n_m), dtype=dtype, device=device))
                 else:
-                    run = form.narrow(1, self._piece_start[k], length)
+                    run = _run(form, 1, self._piece_start[k], length)
                     pieces.append(run.reshape(n, length * n_m))
         else:
             # ir_mul: [n, 2l+1, mul] from the runs along the channel axis (a cat along
@@ -618,7 +646,7 @@ class TensorMapToIrreps(torch.nn.Module):
                 if form is None:
                     parts.append(torch.zeros((n, n_m, length), dtype=dtype, device=device))
                 else:
-                    parts.append(form.narrow(2, self._piece_start[k], length))
+                    parts.append(_run(form, 2, self._piece_start[k], length))
             width = n_m * self._seg_mul[s]
             if len(parts) == 1:
                 pieces.append(parts[0].reshape(n, width))
