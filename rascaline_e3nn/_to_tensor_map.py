@@ -247,6 +247,27 @@ class IrrepsToTensorMap(torch.nn.Module):
             sample_names = self._sample_names
             sample_columns = self._columns(names, sample_names, "a sample dimension")
 
+        # the rows of one block (sample and row-key columns) must be unique: one
+        # sort and one device->host read for all blocks
+        if n_rows > 1:
+            used = sample_columns
+            if not self._all_samples:
+                for c in self._columns(names, self._row_key_names, "a key dimension moved to rows"):
+                    if c not in used:
+                        used = used + [c]
+            key = sample_values[:, used]
+            key = key.index_select(0, lexsort(key))
+            same = (key[1:] == key[:-1]).all(dim=1)
+            if bool(same.any()):
+                i = int(torch.nonzero(same)[0, 0])
+                used_names: List[str] = []
+                for c in used:
+                    used_names.append(names[c])
+                raise ValueError(
+                    "samples contain " + describe_key(used_names, key[i])
+                    + " more than once"
+                )
+
         if self._n_groups == 1 and len(self._row_key_names) == 0:
             grouped_x = x
             grouped_samples = sample_values
@@ -289,15 +310,6 @@ class IrrepsToTensorMap(torch.nn.Module):
         for g in range(self._n_groups):
             n = counts[g]
             group_values = grouped_samples[start : start + n][:, sample_columns]
-            if n > 1:
-                sorted_values = group_values.index_select(0, lexsort(group_values))
-                same = (sorted_values[1:] == sorted_values[:-1]).all(dim=1)
-                if bool(same.any()):
-                    i = int(torch.nonzero(same)[0, 0])
-                    raise ValueError(
-                        "samples contain " + describe_key(sample_names, sorted_values[i])
-                        + " more than once (for the same block)"
-                    )
             group_labels.append(labels(sample_names, group_values))
             start += n
             segments = torch.split(group_x[g], self._seg_dims, dim=1)
