@@ -60,7 +60,10 @@ class TensorMapToIrreps(torch.nn.Module):
     row_keys : sequence of str, optional
         Key dimensions moved to rows. Defaults to ``["center_type"]`` when present.
     check : bool
-        Validate components and sample names of every block (cheap; default).
+        Validate every block (default): sample and property names, ``o3_mu``
+        components, no gradient blocks, no duplicated rows. ``check=False`` skips
+        these for inputs known to come from the template's producer (the property
+        and sample values are still compared: they choose the fast path).
 
     Examples
     --------
@@ -219,7 +222,9 @@ class TensorMapToIrreps(torch.nn.Module):
         """The :py:class:`IrrepsToTensorMap` undoing this conversion."""
         from ._to_tensor_map import IrrepsToTensorMap
 
-        return IrrepsToTensorMap._from_plan(self.plan, basis=self.basis, layout=self.layout)
+        return IrrepsToTensorMap._from_plan(
+            self.plan, basis=self.basis, layout=self.layout, check=self._check
+        )
 
     @torch.jit.unused
     def keys(self) -> Labels:
@@ -324,15 +329,20 @@ class TensorMapToIrreps(torch.nn.Module):
                 ):
                     fast = False
                     break
-                mu = self._mu_of_l[l]
                 if on_cpu:
-                    if not torch.equal(components[0].values.reshape(-1), mu):
+                    if not torch.equal(components[0].values.reshape(-1), self._mu_of_l[l]):
                         fast = False
                         break
                 else:
-                    flags.append((components[0].values.reshape(-1) == mu.to(device)).all())
+                    # the module's buffer: on the input's device when the module is
+                    L = (self._mu.shape[0] - 1) // 2
+                    mu = self._mu[L - l : L + l + 1].to(device)
+                    flags.append((components[0].values.reshape(-1) == mu).all())
             actual = properties.values
-            expected = self._properties_of_block[t]
+            if on_cpu:
+                expected = self._properties_of_block[t]
+            else:
+                expected = self._template_properties(t).to(device)
             if actual.shape != expected.shape:
                 fast = False
                 break
@@ -341,7 +351,7 @@ class TensorMapToIrreps(torch.nn.Module):
                     fast = False
                     break
             else:
-                flags.append((actual == expected.to(actual.device)).all())
+                flags.append((actual == expected).all())
             sample_values = block_samples.values
             values[t] = value
             samples[t] = sample_values

@@ -41,6 +41,10 @@ class IrrepsToTensorMap(torch.nn.Module):
         Layout of the input.
     property_name : str
         Name of the property dimension of the output blocks.
+    check : bool
+        Validate the input (default): duplicated rows, and, for layouts where some
+        row groups lack blocks of some channels (a template from a batch missing
+        type pairs), that ``x`` is zero there instead of dropping those values.
 
     Examples
     --------
@@ -65,9 +69,11 @@ class IrrepsToTensorMap(torch.nn.Module):
     _seg_dims: List[int]
     _seg_l: List[int]
     _seg_mul: List[int]
+    _seg_p: List[int]
     _piece_block: List[int]
     _piece_len: List[int]
     _piece_ptr: List[int]
+    _holes: List[List[int]]
     _block_piece_ptr: List[int]
     _block_pieces: List[int]
     _components: List[Labels]
@@ -80,10 +86,11 @@ class IrrepsToTensorMap(torch.nn.Module):
         basis: str = "e3nn",
         layout: str = "mul_ir",
         property_name: str = "n",
+        check: bool = True,
     ):
         super().__init__()
         plan = Layout.from_irreps(o3.Irreps(irreps), [], property_name)
-        self._setup(plan, basis, layout, all_samples=True)
+        self._setup(plan, basis, layout, all_samples=True, check=check)
 
     @classmethod
     def from_tensor_map(
@@ -93,20 +100,25 @@ class IrrepsToTensorMap(torch.nn.Module):
         basis: str = "e3nn",
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
+        check: bool = True,
     ) -> "IrrepsToTensorMap":
         """The exact inverse of ``TensorMapToIrreps(template, basis=basis,
         layout=layout, row_keys=row_keys)``."""
         plan = Layout.from_tensor_map(template, row_keys)
-        return cls._from_plan(plan, basis=basis, layout=layout)
+        return cls._from_plan(plan, basis=basis, layout=layout, check=check)
 
     @classmethod
-    def _from_plan(cls, plan: Layout, *, basis: str, layout: str) -> "IrrepsToTensorMap":
+    def _from_plan(
+        cls, plan: Layout, *, basis: str, layout: str, check: bool = True
+    ) -> "IrrepsToTensorMap":
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
-        module._setup(plan, basis, layout, all_samples=False)
+        module._setup(plan, basis, layout, all_samples=False, check=check)
         return module
 
-    def _setup(self, plan: Layout, basis: str, layout: str, all_samples: bool) -> None:
+    def _setup(
+        self, plan: Layout, basis: str, layout: str, all_samples: bool, check: bool
+    ) -> None:
         self.basis = check_option("basis", basis, BASES)
         self.layout = check_option("layout", layout, LAYOUTS)
         self.plan = plan
@@ -115,6 +127,7 @@ class IrrepsToTensorMap(torch.nn.Module):
         self._channel_dim = 1 if self.layout == "mul_ir" else 2
         self._dim = plan.dim
         self._all_samples = all_samples
+        self._check = check
         self._sample_names = list(plan.sample_names)
         self._row_key_names = list(plan.row_key_names)
         self._n_blocks = len(plan.blocks)
@@ -126,6 +139,7 @@ class IrrepsToTensorMap(torch.nn.Module):
         self._seg_dims = [s.dim for s in plan.segments]
         self._seg_l = [s.l for s in plan.segments]
         self._seg_mul = [s.mul for s in plan.segments]
+        self._seg_p = [s.p for s in plan.segments]
 
         groups = torch.tensor(plan.groups, dtype=torch.int32)
         groups = groups.reshape(len(plan.groups), len(plan.row_key_names))
@@ -145,6 +159,15 @@ class IrrepsToTensorMap(torch.nn.Module):
         self._piece_block = piece_block
         self._piece_len = piece_len
         self._piece_ptr = piece_ptr
+        # the channels no block holds, as (piece, row group, segment)
+        holes: List[List[int]] = []
+        for g in range(len(plan.groups)):
+            for s in range(len(plan.segments)):
+                i = g * len(plan.segments) + s
+                for k in range(piece_ptr[i], piece_ptr[i + 1]):
+                    if piece_block[k] < 0:
+                        holes.append([k, g, s])
+        self._holes = holes
         # the pieces of every block, in the order of its properties
         block_pieces: List[int] = []
         block_piece_ptr = [0]
@@ -196,6 +219,35 @@ class IrrepsToTensorMap(torch.nn.Module):
         if self._channel_dim == 1:
             w = w.transpose(1, 2)
         return w.contiguous()
+
+    def _check_holes(self, pieces: List[torch.Tensor]) -> None:
+        """Entries of x in channels that no block of the layout holds for their rows
+        have nowhere to go: they must be zero, or they would be dropped silently."""
+        largest: List[torch.Tensor] = []
+        for hole in self._holes:
+            piece = pieces[hole[0]]
+            if piece.numel() > 0:
+                largest.append(piece.abs().amax())
+        if len(largest) == 0 or not bool(torch.stack(largest).amax() > 0):
+            return
+        for hole in self._holes:
+            piece = pieces[hole[0]]
+            if piece.numel() > 0 and bool(piece.abs().amax() > 0):
+                s = hole[2]
+                l = self._seg_l[s]
+                irrep = str(self._seg_mul[s]) + "x" + str(l)
+                if self._seg_p[s] == 1:
+                    irrep += "e"
+                else:
+                    irrep += "o"
+                raise ValueError(
+                    "the input has non-zero values in channels of segment " + str(s)
+                    + " (" + irrep + ") for the rows with "
+                    + describe_key(self._row_key_names, self._group_keys[hole[1]])
+                    + ", which no block of the layout holds: they would be dropped. "
+                    + "Build the module from a template (or calculator and atom_types) "
+                    + "holding these blocks, or pass check=False to drop them"
+                )
 
     def _move_labels(self, device: torch.device) -> None:
         self._keys = self._keys.to(device)
@@ -280,11 +332,11 @@ class IrrepsToTensorMap(torch.nn.Module):
             group_keys = self._group_keys.to(device)
             equal = (row_keys.unsqueeze(1) == group_keys.unsqueeze(0)).all(dim=2)
             found = equal.any(dim=1)
-            # rows of no group go to an extra bin: one device->host read for both
-            group = torch.where(
-                found, equal.to(torch.int32).argmax(dim=1), self._n_groups
+            # rows per group and rows of no group: one device->host read for both
+            group = equal.to(torch.int32).argmax(dim=1)
+            counts = int_list(
+                torch.cat([equal.sum(dim=0), (~found).sum().reshape(1)])
             )
-            counts = int_list(torch.bincount(group, minlength=self._n_groups + 1))
             if counts[self._n_groups] != 0:
                 missing = int(torch.nonzero(~found)[0, 0])
                 raise ValueError(
@@ -322,6 +374,9 @@ class IrrepsToTensorMap(torch.nn.Module):
                 k0 = self._piece_ptr[g * self._n_segments + s]
                 k1 = self._piece_ptr[g * self._n_segments + s + 1]
                 pieces.extend(torch.split(view, self._piece_len[k0:k1], dim=cd))
+
+        if self._check and len(self._holes) > 0:
+            self._check_holes(pieces)
 
         blocks: List[TensorBlock] = []
         for t in range(self._n_blocks):

@@ -607,3 +607,30 @@ def test_irrep_without_properties():
         x = torch.randn(3, 2)
         out = module(x, Labels(["system"], torch.arange(3, dtype=torch.int32).reshape(-1, 1)))
         assert torch.equal(out.block({"o3_lambda": 0, "o3_sigma": 1}).values[:, 0, :], x)
+
+
+def test_inverse_refuses_to_drop_values_in_channels_no_block_holds():
+    """A layout from a batch without (O, Na): the rows of oxygen have no block for
+    the Na channels. A model output with non-zero values there has nowhere to go."""
+    from _reference import make_block
+
+    def block(samples):
+        return make_block(0, samples, [[0]])
+
+    keys = Labels(["o3_lambda", "o3_sigma", "center_type", "neighbor_type"],
+             torch.tensor([[0, 1, 8, 8], [0, 1, 11, 8], [0, 1, 11, 11]]))
+    template = TensorMap(keys, [block([[0, 0]]), block([[0, 1]]), block([[0, 1]])])
+    conv = TensorMapToIrreps(template, basis="featomic")
+    samples = conv.samples(template)
+    x = conv(template)
+    # the round trip has zeros there: accepted
+    conv.inverse()(x, samples)
+    x = x.clone()
+    x[0, 1] = 1.0  # the oxygen row, Na channel
+    for module in (conv.inverse(), torch.jit.script(conv.inverse())):
+        with pytest.raises((ValueError, torch.jit.Error), match="center_type=8"):
+            module(x, samples)
+    # check=False drops them knowingly
+    inverse = TensorMapToIrreps(template, basis="featomic", check=False).inverse()
+    out = inverse(x, samples)
+    assert len(out) == 3
