@@ -8,8 +8,10 @@ variant, ...) so that slow drifts of the machine affect all of them alike.
 Reference case (default): 16 systems x 125 atoms, 3 atom types, lmax 6, 8 radial
 functions: 63 blocks, 9.4 MB of float32 values, featomic's exact metadata.
 
-    python benchmarks/bench_adapters.py                   # reference table, memory, syncs
+    python benchmarks/bench_adapters.py                   # reference table, targets, memory, host reads
+    python benchmarks/bench_adapters.py --threads 2       # the same with 2 torch threads
     python benchmarks/bench_adapters.py --check-overhead  # cost of check=True
+    python benchmarks/bench_adapters.py --page-cost       # first-touch cost of fresh memory pages
     python benchmarks/bench_adapters.py --sweep           # size / lmax sweep -> sweep.json
     python benchmarks/plot.py                             # sweep.json -> scaling.png
 """
@@ -21,6 +23,7 @@ import platform
 import random
 import statistics
 import sys
+import time
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -69,7 +72,10 @@ def machine() -> Dict[str, str]:
         "e3nn": e3nn.__version__,
         "rascaline_e3nn": rascaline_e3nn.__version__,
         "load average": " ".join(f"{x:.2f}" for x in os.getloadavg())
-        + " (1, 5, 15 min; other processes share these cores)",
+        + " (1, 5, 15 min)",
+        "glibc malloc env": " ".join(
+            f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")
+        ) or "(defaults)",
         "gpu": (
             torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none (unmeasured)"
         ),
@@ -419,6 +425,53 @@ def print_table(results: Dict[str, float], info: Dict[str, dict]) -> None:
         )
 
 
+#: (label, basis, layout, largest allowed ratio of the forward to a clone)
+TARGETS = [
+    ("featomic basis, mul_ir", "featomic", "mul_ir", 5.0),
+    ("featomic basis, ir_mul", "featomic", "ir_mul", 2.5),
+    ("e3nn basis, mul_ir", "e3nn", "mul_ir", 8.0),
+]
+SPEEDUP_TARGET = 10.0  # forward: chain time / adapter time, at least
+BACKWARD_TARGET = 3.0  # fwd+bwd time / fwd time, at most
+
+
+def print_targets(results: Dict[str, float], info: Dict[str, dict], dtype: str = "float32") -> None:
+    """The project's targets for the scripted modules on the reference case."""
+    def time_of(direction, impl, basis, layout, mode):
+        for n, i in info.items():
+            if (i["dtype"], i["direction"], i["impl"], i["basis"], i["layout"], i["mode"]) == (
+                dtype, direction, impl, basis, layout, mode
+            ):
+                return results[n]
+        raise KeyError((direction, impl, basis, layout, mode))
+
+    def verdict(ok: bool) -> str:
+        return "MET" if ok else "NOT MET"
+
+    clone = next(results[n] for n, i in info.items() if i["impl"] == "clone" and i["dtype"] == dtype)
+    print(
+        f"\ntargets ({dtype}, scripted modules, reference case; clone {fmt_time(clone)}):"
+        f" fwd/clone <= the value given, fwd speed-up vs chain >= {SPEEDUP_TARGET:g}x,"
+        f" (fwd+bwd)/fwd <= {BACKWARD_TARGET:g}x\n"
+    )
+    print(f"| {'module':<17} | {'variant':<22} | {'fwd / clone':<24} | "
+          f"{'fwd speed-up vs chain':<24} | {'(fwd+bwd) / fwd':<24} |")
+    print(f"|{'-' * 19}|{'-' * 24}|{'-' * 26}|{'-' * 26}|{'-' * 26}|")
+    modules = (("to_irreps", "TensorMapToIrreps"), ("to_tensor_map", "IrrepsToTensorMap"))
+    for direction, module in modules:
+        for label, basis, layout, max_ratio in TARGETS:
+            fwd = time_of(direction, "script", basis, layout, "fwd")
+            both = time_of(direction, "script", basis, layout, "fwd+bwd")
+            chain = time_of(direction, "chain", basis, layout, "fwd")
+            ratio, speedup, backward = fwd / clone, chain / fwd, both / fwd
+            cells = (
+                f"{ratio:5.2f}x (<={max_ratio:g}x) {verdict(ratio <= max_ratio)}",
+                f"{speedup:5.2f}x (>={SPEEDUP_TARGET:g}x) {verdict(speedup >= SPEEDUP_TARGET)}",
+                f"{backward:5.2f}x (<={BACKWARD_TARGET:g}x) {verdict(backward <= BACKWARD_TARGET)}",
+            )
+            print(f"| {module:<17} | {label:<22} | " + " | ".join(f"{c:<24}" for c in cells) + " |")
+
+
 def fmt_time(t: float) -> str:
     if t >= 1e-3:
         return f"{t * 1e3:.2f} ms"
@@ -468,6 +521,19 @@ def peak_memory(f: Callable[[], object]) -> Tuple[int, int]:
     return peak, live
 
 
+def page_faults(f: Callable[[], object], calls: int = 10) -> float:
+    """Minor page faults per call of ``f`` (first touches of fresh pages) in a loop of
+    calls after a warm-up, as in a Timer loop: ``getrusage`` of the process."""
+    import resource
+
+    for _ in range(3):
+        f()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(calls):
+        f()
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / calls
+
+
 def print_memory(args) -> None:
     tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial, dtype=torch.float32)
     size = nbytes(tensor)
@@ -478,10 +544,13 @@ def print_memory(args) -> None:
         f"\ninput block values: {size / 1e6:.2f} MB. 'peak' = peak bytes allocated through"
         f"\ntorch's CPU allocator during the call above the level at entry (profiler"
         f"\nprofile_memory events), 'output' = still allocated after the call, 'extra' ="
-        f"\npeak - output (transient intermediates). Rust-side metatensor Labels are not seen.\n"
+        f"\npeak - output (transient intermediates). Rust-side metatensor Labels are not seen."
+        f"\n'faults' = minor page faults per call in a loop of calls (fresh 4 KiB pages the"
+        f"\nkernel had to map: glibc gave the memory back to the OS between calls).\n"
     )
-    print(f"| {'variant':<44} | {'peak MB':>8} | {'output MB':>9} | {'extra MB':>8} | {'extra / input':>13} |")
-    print(f"|{'-' * 46}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 15}|")
+    print(f"| {'variant':<38} | {'peak MB':>8} | {'output MB':>9} | {'extra MB':>8} | "
+          f"{'extra / input':>13} | {'faults':>7} |")
+    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 15}|{'-' * 9}|")
     rows = [("clone", lambda: buffer.clone())]
     for basis in ("featomic", "e3nn"):
         d = D if basis == "e3nn" else None
@@ -490,6 +559,7 @@ def print_memory(args) -> None:
             s = script(m)
             x, samples = chain_to_irreps(tensor, layout, d)
             inv = m.inverse()
+            inv_s = script(inv)
             ci = ChainInverse(tensor, layout, d)
             rows += [
                 (f"chain to_irreps {basis} {layout}",
@@ -498,13 +568,61 @@ def print_memory(args) -> None:
                 (f"to_irreps {basis} {layout} script", lambda s=s: s(tensor)),
                 (f"chain to_tensor_map {basis} {layout}", lambda c=ci, x=x, sa=samples: c(x, sa)),
                 (f"to_tensor_map {basis} {layout} eager", lambda m=inv, x=x, sa=samples: m(x, sa)),
+                (f"to_tensor_map {basis} {layout} script",
+                 lambda m=inv_s, x=x, sa=samples: m(x, sa)),
             ]
     for name, f in rows:
         peak, kept = peak_memory(f)
+        faults = page_faults(f)
         print(
-            f"| {name:<44} | {peak / 1e6:>8.2f} | {kept / 1e6:>9.2f} | "
-            f"{(peak - kept) / 1e6:>8.2f} | {(peak - kept) / size:>13.2f} |"
+            f"| {name:<38} | {peak / 1e6:>8.2f} | {kept / 1e6:>9.2f} | "
+            f"{(peak - kept) / 1e6:>8.2f} | {(peak - kept) / size:>13.2f} | {faults:>7.0f} |"
         )
+
+
+def page_cost(args) -> None:
+    """What a fresh memory page costs here: first touch of fresh anonymous memory, and
+    three fresh buffers of the reference size per call against a clone in a Timer loop
+    (which reuses one buffer: glibc keeps a freed block below its trim threshold)."""
+    import mmap
+    import resource
+
+    tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial)
+    size = nbytes(tensor)
+    n = size // 4
+    pages = size // 4096
+    touch = []
+    for _ in range(11):
+        m = mmap.mmap(-1, size)
+        view = memoryview(m)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = time.perf_counter()
+        for i in range(0, size, 4096):
+            view[i] = 1
+        touch.append(time.perf_counter() - start)
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        view.release()
+        m.close()
+    t = statistics.median(touch)
+    print(f"\nfirst touch of a fresh {size / 1e6:.2f} MB mapping: {fmt_time(t)} for {pages} pages "
+          f"({t / pages * 1e6:.2f} us per 4 KiB page, {faults} faults; Python loop included)")
+    buffer = torch.randn(n)
+
+    def fresh(k: int) -> Callable[[], object]:
+        # k buffers alive at once, of slightly different sizes (like the intermediates
+        # of a call), each written once
+        def run():
+            return [torch.empty(n + 1024 * i).fill_(1.0) for i in range(k)]
+        return run
+
+    variants = {"clone": lambda: buffer.clone(), "1 fresh": fresh(1), "3 fresh": fresh(3)}
+    r = measure(variants, args.rounds, args.min_run_time, args.threads)
+    print(f"\n| {'per call':<42} | {'median':>9} | {'faults / call':>13} |")
+    print(f"|{'-' * 44}|{'-' * 11}|{'-' * 15}|")
+    for name, label in (("clone", "clone of one 9.4 MB tensor"),
+                        ("1 fresh", "allocate + fill one 9.4 MB buffer"),
+                        ("3 fresh", "allocate + fill three 9.4 MB buffers")):
+        print(f"| {label:<42} | {fmt_time(r[name]):>9} | {page_faults(variants[name]):>13.0f} |")
 
 
 # ---------------------------------------------------------------------- host syncs
@@ -517,11 +635,17 @@ HOST_READ_OPS = (
 
 
 def count_host_reads(f: Callable[[], object]) -> Dict[str, int]:
-    """aten operators whose result the host must read (a device -> host sync on a GPU)
-    executed by ``f()``, counted with a TorchDispatchMode (this sees the operators
-    called from TorchScript and from metatensor-torch's C++ too). Copies to the CPU and
-    ``.tolist()`` of tensors already on the CPU are invisible on a CPU-only machine:
-    see benchmarks/README.md for those."""
+    """aten operators executed by ``f()`` whose result the host reads, counted with a
+    TorchDispatchMode (this sees the operators called from TorchScript and from
+    metatensor-torch's C++ too).
+
+    This counts the CPU code path only: on CPU inputs the package compares metadata
+    with one ``torch.equal`` per block (``aten::equal``, free on a CPU), where a GPU
+    input gathers the same comparisons into one flag read; ``bool()`` of tensors that
+    are on the host anyway shows up as ``_local_scalar_dense`` here but is no device
+    read on a GPU; and device<->host copies and ``.tolist()`` are invisible on a CPU.
+    The device->host reads of a GPU forward, read off the code, are listed in
+    benchmarks/README.md."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     counts: Dict[str, int] = {}
@@ -542,8 +666,9 @@ def print_host_reads(args) -> None:
     tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial)
     n_blocks = len(tensor.keys)
     print(
-        f"\nHost reads of one forward (reference case, {n_blocks} blocks, 3 center types): "
-        "aten ops whose result goes to Python\n(each one is a device->host sync on a GPU)."
+        f"\nHost reads of one forward on this CPU (reference case, {n_blocks} blocks, 3 center "
+        "types): aten ops whose result\ngoes to Python, CPU code path (per-block torch.equal); "
+        "for a GPU input see benchmarks/README.md."
     )
     for check in (True, False):
         m = TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir", check=check)
@@ -585,26 +710,32 @@ def check_overhead(args) -> None:
 
 
 def profile_slowest(args) -> None:
+    """torch.profiler tables of the scripted modules that the targets are about."""
     from torch.profiler import ProfilerActivity, profile
 
-    tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial, requires_grad=True)
-    m = TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir")
-    x = m(tensor)
-    grad = torch.randn_like(x)
     plain = featomic_like(args.systems, args.atoms, args.lmax, args.radial)
+    with_grad = featomic_like(args.systems, args.atoms, args.lmax, args.radial, requires_grad=True)
     featomic_basis = script(TensorMapToIrreps(plain, basis="featomic", layout="mul_ir"))
+    e3nn_basis = script(TensorMapToIrreps(plain, basis="e3nn", layout="mul_ir"))
+    grad_module = script(TensorMapToIrreps(with_grad, basis="featomic", layout="mul_ir"))
+    x = featomic_basis(plain)
+    grad = torch.randn_like(x)
+    eager = TensorMapToIrreps(plain, basis="featomic", layout="mul_ir")
+    inverse = script(eager.inverse())
+    samples = eager.samples(plain)
     for name, f in (
         ("to_irreps fwd script featomic mul_ir", lambda: featomic_basis(plain)),
-        ("to_irreps fwd+bwd eager e3nn mul_ir", lambda: m(tensor).backward(grad)),
-        ("to_tensor_map fwd eager e3nn mul_ir",
-         lambda inv=m.inverse(), s=m.samples(tensor), y=x.detach(): inv(y, s)),
+        ("to_irreps fwd script e3nn mul_ir", lambda: e3nn_basis(plain)),
+        ("to_irreps fwd+bwd script featomic mul_ir",
+         lambda: grad_module(with_grad).backward(grad)),
+        ("to_tensor_map fwd script featomic mul_ir", lambda: inverse(x, samples)),
     ):
         f()
         with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(5):
                 f()
         print(f"\nprofile of {name}, float32, reference case (5 calls):")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 def sweep(args) -> None:
@@ -668,9 +799,9 @@ def main(argv=None) -> None:
     parser.add_argument("--dtypes", nargs="+", default=["float32", "float64"], choices=DTYPES)
     parser.add_argument(
         "--threads", type=int, default=1,
-        help="torch threads (default 1: on a shared machine, OpenMP barriers of a "
-        "multi-threaded run stall whenever another process takes a core, inflating "
-        "times up to 10x; use the core count on a quiet machine)",
+        help="torch threads (default 1: reproducible anywhere; on a shared machine the "
+        "OpenMP barriers of a multi-threaded run stall whenever another process takes a "
+        "core, inflating times up to 10x. On a quiet machine also run --threads $(nproc))",
     )
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--min-run-time", type=float, default=0.05,
@@ -679,6 +810,8 @@ def main(argv=None) -> None:
                         help="also time check=True against check=False")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler tables of the slowest adapters")
+    parser.add_argument("--page-cost", action="store_true",
+                        help="only measure the cost of fresh memory pages (first touch)")
     parser.add_argument("--sweep", action="store_true",
                         help="only run the size/lmax sweep, writing benchmarks/sweep.json")
     parser.add_argument("--sweep-rounds", type=int, default=3)
@@ -692,6 +825,9 @@ def main(argv=None) -> None:
 
     if args.sweep:
         sweep(args)
+        return
+    if args.page_cost:
+        page_cost(args)
         return
 
     for dtype_name in args.dtypes:
@@ -718,6 +854,8 @@ def main(argv=None) -> None:
     print("median per call; ratio = time / time of a clone of the same bytes; "
           "speed-up = chain time / this time (same direction, dtype, basis, layout, pass)\n")
     print_table(results, info)
+    if "float32" in args.dtypes:
+        print_targets(results, info)
 
     print_memory(args)
     print_host_reads(args)
