@@ -108,6 +108,28 @@ class Layout:
             pieces.append([t, j, 1])
         return [(t, j, n) for t, j, n in pieces]
 
+    def piece_tables(self) -> Tuple[List[int], List[int], List[int], List[int]]:
+        """Every piece of every (row group, segment), flat: ``(block, start, length,
+        ptr)``, the pieces of group g and segment s being
+        ``ptr[g * n_segments + s] : ptr[g * n_segments + s + 1]``."""
+        block: List[int] = []
+        start: List[int] = []
+        length: List[int] = []
+        ptr = [0]
+        for g in range(len(self.groups)):
+            for s in range(len(self.segments)):
+                for t, j, n in self.pieces(g, s):
+                    block.append(t)
+                    start.append(j)
+                    length.append(n)
+                ptr.append(len(block))
+        return block, start, length, ptr
+
+    def group_keys(self) -> torch.Tensor:
+        """``[n_groups, n_row_keys]`` values of the row-like key dimensions."""
+        groups = torch.tensor(self.groups, dtype=torch.int32)
+        return groups.reshape(len(self.groups), len(self.row_key_names))
+
     def keys(self) -> Labels:
         values = torch.tensor([b.key for b in self.blocks], dtype=torch.int32)
         return Labels(self.key_names, values.reshape(-1, len(self.key_names)))

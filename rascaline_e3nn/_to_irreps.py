@@ -162,23 +162,11 @@ class TensorMapToIrreps(torch.nn.Module):
         props = torch.cat([b.properties.reshape(-1) for b in plan.blocks])
         self.register_buffer("_props", props, persistent=False)
 
-        groups = torch.tensor(plan.groups, dtype=torch.int32)
-        groups = groups.reshape(len(plan.groups), len(plan.row_key_names))
-        self.register_buffer("_group_keys", groups, persistent=False)
+        self.register_buffer("_group_keys", plan.group_keys(), persistent=False)
 
         self._seg_l = [s.l for s in plan.segments]
         self._seg_mul = [s.mul for s in plan.segments]
-        piece_block: List[int] = []
-        piece_start: List[int] = []
-        piece_len: List[int] = []
-        piece_ptr = [0]
-        for g in range(len(plan.groups)):
-            for s in range(len(plan.segments)):
-                for t, j, n in plan.pieces(g, s):
-                    piece_block.append(t)
-                    piece_start.append(j)
-                    piece_len.append(n)
-                piece_ptr.append(len(piece_block))
+        piece_block, piece_start, piece_len, piece_ptr = plan.piece_tables()
         self._piece_block = piece_block
         self._piece_start = piece_start
         self._piece_len = piece_len

@@ -141,21 +141,9 @@ class IrrepsToTensorMap(torch.nn.Module):
         self._seg_mul = [s.mul for s in plan.segments]
         self._seg_p = [s.p for s in plan.segments]
 
-        groups = torch.tensor(plan.groups, dtype=torch.int32)
-        groups = groups.reshape(len(plan.groups), len(plan.row_key_names))
-        self.register_buffer("_group_keys", groups, persistent=False)
+        self.register_buffer("_group_keys", plan.group_keys(), persistent=False)
 
-        piece_block: List[int] = []
-        piece_start: List[int] = []
-        piece_len: List[int] = []
-        piece_ptr = [0]
-        for g in range(len(plan.groups)):
-            for s in range(len(plan.segments)):
-                for t, j, n in plan.pieces(g, s):
-                    piece_block.append(t)
-                    piece_start.append(j)
-                    piece_len.append(n)
-                piece_ptr.append(len(piece_block))
+        piece_block, piece_start, piece_len, piece_ptr = plan.piece_tables()
         self._piece_block = piece_block
         self._piece_len = piece_len
         self._piece_ptr = piece_ptr
