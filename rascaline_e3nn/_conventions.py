@@ -44,11 +44,6 @@ def sigma(l: int, p: int) -> int:
     return p * (-1) ** l
 
 
-def irrep_sort_key(l: int, p: int) -> Tuple[int, int]:
-    """Sort key giving e3nn's order of irreps: by l, then p = -1 before p = +1."""
-    return (l, p)
-
-
 def change_of_basis(l: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """``(2l+1, 2l+1)`` matrix ``D`` such that ``x_e3nn = D @ x_featomic``.
 

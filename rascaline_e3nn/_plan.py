@@ -13,6 +13,7 @@ from e3nn import o3
 from metatensor.torch import Labels, TensorMap
 
 from ._conventions import parity, sigma
+from ._tables import check_block
 
 #: key dimensions that define the irrep of a block
 IRREP_KEYS = ("o3_lambda", "o3_sigma")
@@ -178,7 +179,8 @@ class Layout:
                 p = parity(l, s)
             except ValueError as e:
                 raise ValueError(f"block {described}: {e}") from None
-            check_block_metadata(block, l, described)
+            mu = torch.arange(-l, l + 1, dtype=torch.int32)
+            check_block(block, l, mu, list(block.samples.names), described)
             if sample_names is None:
                 sample_names = list(block.samples.names)
             elif list(block.samples.names) != sample_names:
@@ -290,26 +292,3 @@ class Layout:
 
 def _describe_key(names: Sequence[str], values: Sequence[int]) -> str:
     return "(" + ", ".join(f"{n}={v}" for n, v in zip(names, values)) + ")"
-
-
-def check_block_metadata(block, l: int, described: str) -> None:
-    """Components must be exactly ``o3_mu = -l..l``; no gradient blocks."""
-    components = block.components
-    if len(components) != 1 or list(components[0].names) != ["o3_mu"]:
-        raise ValueError(
-            f"block {described} has components "
-            f"{[list(c.names) for c in components]}, expected [['o3_mu']]"
-        )
-    mu = components[0].values.to("cpu").reshape(-1)
-    expected = torch.arange(-l, l + 1, dtype=mu.dtype)
-    if not torch.equal(mu, expected):
-        raise ValueError(
-            f"block {described} has o3_mu components {mu.tolist()}, "
-            f"expected {expected.tolist()} for o3_lambda={l}"
-        )
-    if len(block.gradients_list()) != 0:
-        raise ValueError(
-            f"block {described} has gradients {block.gradients_list()}: explicit "
-            "gradient blocks are not converted; compute without `gradients=` and let "
-            "featomic-torch's autograd integration propagate derivatives instead"
-        )

@@ -6,7 +6,6 @@ import torch
 from metatensor.torch import Labels, TensorBlock
 
 from ._conventions import basis_permutation, change_of_basis
-from ._plan import Layout
 
 
 def int_list(values: torch.Tensor) -> List[int]:
@@ -38,10 +37,9 @@ def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:
     return inv
 
 
-def basis_tables(layout: Layout):
+def basis_tables(L: int):
     """``[L+1, 2L+1, 2L+1]`` change-of-basis matrices (zero padded) and the l=1
     permutation with its inverse."""
-    L = layout.max_l
     basis = torch.zeros(L + 1, 2 * L + 1, 2 * L + 1, dtype=torch.float64)
     for l in range(L + 1):
         basis[l, : 2 * l + 1, : 2 * l + 1] = change_of_basis(l)

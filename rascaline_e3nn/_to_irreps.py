@@ -172,7 +172,7 @@ class TensorMapToIrreps(torch.nn.Module):
         self._piece_len = piece_len
         self._piece_ptr = piece_ptr
 
-        basis_matrices, perm, inverse = basis_tables(plan)
+        basis_matrices, perm, inverse = basis_tables(plan.max_l)
         self.register_buffer("_basis", basis_matrices, persistent=False)
         self.register_buffer("_perm1", perm, persistent=False)
         self.register_buffer("_perm1_inverse", inverse, persistent=False)

@@ -177,7 +177,7 @@ class IrrepsToTensorMap(torch.nn.Module):
             Labels(plan.property_names[(b.l, b.p)], b.properties) for b in plan.blocks
         ]
 
-        basis_matrices, perm, inverse = basis_tables(plan)
+        basis_matrices, perm, inverse = basis_tables(plan.max_l)
         self.register_buffer("_basis", basis_matrices, persistent=False)
         self.register_buffer("_perm1_inverse", inverse, persistent=False)
 
