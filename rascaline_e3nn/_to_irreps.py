@@ -28,6 +28,19 @@ def _run(form: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
     return form.narrow(dim, start, length)
 
 
+def _same(
+    actual: torch.Tensor, expected: torch.Tensor, on_cpu: bool, flags: List[torch.Tensor]
+) -> bool:
+    """False when ``actual != expected`` is known now. On the CPU, torch.equal; on
+    other devices the comparison goes to ``flags``, all read at once later."""
+    if actual.shape != expected.shape:
+        return False
+    if on_cpu:
+        return torch.equal(actual, expected)
+    flags.append((actual == expected).all())
+    return True
+
+
 def _dtype_name(value: torch.Tensor) -> str:
     return str(value.dtype)
 
@@ -318,28 +331,22 @@ class TensorMapToIrreps(torch.nn.Module):
                     fast = False
                     break
                 if on_cpu:
-                    if not torch.equal(components[0].values.reshape(-1), self._mu_of_l[l]):
-                        fast = False
-                        break
+                    mu = self._mu_of_l[l]
                 else:
                     # the module's buffer: on the input's device when the module is
                     L = (self._mu.shape[0] - 1) // 2
                     mu = self._mu[L - l : L + l + 1].to(device)
-                    flags.append((components[0].values.reshape(-1) == mu).all())
+                if not _same(components[0].values.reshape(-1), mu, on_cpu, flags):
+                    fast = False
+                    break
             actual = properties.values
             if on_cpu:
                 expected = self._properties_of_block[t]
             else:
                 expected = self._template_properties(t).to(device)
-            if actual.shape != expected.shape:
+            if not _same(actual, expected, on_cpu, flags):
                 fast = False
                 break
-            if on_cpu:
-                if not torch.equal(actual, expected):
-                    fast = False
-                    break
-            else:
-                flags.append((actual == expected).all())
             sample_values = block_samples.values
             values[t] = value
             samples[t] = sample_values
@@ -349,15 +356,9 @@ class TensorMapToIrreps(torch.nn.Module):
             else:
                 reference = samples[first[g]]
                 assert reference is not None
-                if reference.shape != sample_values.shape:
+                if not _same(sample_values, reference, on_cpu, flags):
                     fast = False
                     break
-                if on_cpu:
-                    if not torch.equal(sample_values, reference):
-                        fast = False
-                        break
-                else:
-                    flags.append((sample_values == reference).all())
         if fast and len(flags) > 0:
             fast = bool(torch.stack(flags).all())
         if fast:
