@@ -22,6 +22,19 @@ def describe_key(names: List[str], values: torch.Tensor) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
+def select_columns(values: torch.Tensor, columns: List[int]) -> torch.Tensor:
+    """``values[:, columns]``, as a view when the columns are consecutive (indexing
+    with a list would copy an index to the device first)."""
+    if len(columns) > 0:
+        consecutive = True
+        for i in range(1, len(columns)):
+            if columns[i] != columns[0] + i:
+                consecutive = False
+        if consecutive:
+            return values.narrow(1, columns[0], len(columns))
+    return values[:, columns]
+
+
 def lexsort(rows: torch.Tensor) -> torch.Tensor:
     """Permutation sorting the rows of a 2-D integer tensor lexicographically."""
     perm = torch.arange(rows.shape[0], device=rows.device)

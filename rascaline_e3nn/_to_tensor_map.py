@@ -15,6 +15,7 @@ from ._tables import (
     inverse_permutation,
     labels,
     lexsort,
+    select_columns,
 )
 
 
@@ -295,7 +296,7 @@ class IrrepsToTensorMap(torch.nn.Module):
                 for c in self._columns(names, self._row_key_names, "a key dimension moved to rows"):
                     if c not in used:
                         used = used + [c]
-            key = sample_values[:, used]
+            key = select_columns(sample_values, used)
             key = key.index_select(0, lexsort(key))
             same = (key[1:] == key[:-1]).all(dim=1)
             if bool(same.any()):
@@ -316,7 +317,7 @@ class IrrepsToTensorMap(torch.nn.Module):
             row_columns = self._columns(
                 names, self._row_key_names, "a key dimension moved to rows"
             )
-            row_keys = sample_values[:, row_columns]
+            row_keys = select_columns(sample_values, row_columns)
             group_keys = self._group_keys.to(device)
             equal = (row_keys.unsqueeze(1) == group_keys.unsqueeze(0)).all(dim=2)
             found = equal.any(dim=1)
@@ -349,7 +350,7 @@ class IrrepsToTensorMap(torch.nn.Module):
         group_x = torch.split(grouped_x, counts, dim=0)
         for g in range(self._n_groups):
             n = counts[g]
-            group_values = grouped_samples[start : start + n][:, sample_columns]
+            group_values = select_columns(grouped_samples[start : start + n], sample_columns)
             group_labels.append(labels(sample_names, group_values))
             start += n
             segments = torch.split(group_x[g], self._seg_dims, dim=1)
