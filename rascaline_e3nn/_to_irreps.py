@@ -618,34 +618,28 @@ class TensorMapToIrreps(torch.nn.Module):
         """Append the [n, width] pieces of segment s (channel runs k0..k1) to pieces."""
         l = self._seg_l[s]
         n_m = 2 * l + 1
-        if self._channel_dim == 1:
-            # mul_ir: a run of channels is [n, run, 2l+1] in a contiguous form
-            for k in range(k0, k1):
-                t = self._piece_block[k]
-                length = self._piece_len[k]
-                form: Optional[torch.Tensor] = None
-                if t >= 0:
-                    form = forms[t]
-                if form is None:
-                    pieces.append(torch.zeros((n, length * n_m), dtype=dtype, device=device))
-                else:
-                    run = _run(form, 1, self._piece_start[k], length)
-                    pieces.append(run.reshape(n, length * n_m))
+        cd = self._channel_dim
+        # runs of channels: [n, run, 2l+1] (mul_ir) or [n, 2l+1, run] (ir_mul)
+        parts: List[torch.Tensor] = []
+        for k in range(k0, k1):
+            t = self._piece_block[k]
+            length = self._piece_len[k]
+            form: Optional[torch.Tensor] = None
+            if t >= 0:
+                form = forms[t]
+            if form is not None:
+                parts.append(_run(form, cd, self._piece_start[k], length))
+            elif cd == 1:
+                parts.append(torch.zeros((n, length, n_m), dtype=dtype, device=device))
+            else:
+                parts.append(torch.zeros((n, n_m, length), dtype=dtype, device=device))
+        if cd == 1:
+            # mul_ir: each run is a contiguous [n, run * (2l+1)] piece of the row
+            for part in parts:
+                pieces.append(part.reshape(n, part.shape[1] * n_m))
         else:
-            # ir_mul: [n, 2l+1, mul] from the runs along the channel axis (a cat along
-            # the last axis of contiguous blocks copies whole runs: much faster than
-            # one piece per m)
-            parts: List[torch.Tensor] = []
-            for k in range(k0, k1):
-                t = self._piece_block[k]
-                length = self._piece_len[k]
-                form: Optional[torch.Tensor] = None
-                if t >= 0:
-                    form = forms[t]
-                if form is None:
-                    parts.append(torch.zeros((n, n_m, length), dtype=dtype, device=device))
-                else:
-                    parts.append(_run(form, 2, self._piece_start[k], length))
+            # ir_mul: [n, 2l+1, mul] from a cat along the channel axis (copies whole
+            # runs: much faster than one piece per m)
             width = n_m * self._seg_mul[s]
             if len(parts) == 1:
                 pieces.append(parts[0].reshape(n, width))

@@ -39,7 +39,12 @@ def reference_layout(template: TensorMap, row_keys: Optional[Sequence[str]] = No
             channels.setdefault((l, p), set()).add(chan)
     irreps = sorted(channels)  # e3nn order: l, then p=-1 before p=+1
     channels = {ir: sorted(c) for ir, c in channels.items()}
-    return list(row_keys), channel_keys, irreps, channels
+    offsets = {}  # first column of each irrep
+    dim = 0
+    for l, p in irreps:
+        offsets[(l, p)] = dim
+        dim += len(channels[(l, p)]) * (2 * l + 1)
+    return list(row_keys), channel_keys, irreps, channels, offsets, dim
 
 
 def reference_to_irreps(
@@ -51,12 +56,9 @@ def reference_to_irreps(
     row_keys: Optional[Sequence[str]] = None,
 ):
     """Returns (values [n_rows, dim] float64, row tuples, irreps string)."""
-    row_keys, channel_keys, irreps, channels = reference_layout(template, row_keys)
-    offsets = {}
-    dim = 0
-    for l, p in irreps:
-        offsets[(l, p)] = dim
-        dim += len(channels[(l, p)]) * (2 * l + 1)
+    row_keys, channel_keys, irreps, channels, offsets, dim = reference_layout(
+        template, row_keys
+    )
 
     rows = set()
     for key, block in zip(_keys(tensor), tensor.blocks()):
@@ -104,12 +106,9 @@ def reference_to_tensor_map(
 ) -> Dict[Tuple[int, ...], Dict[Tuple[int, ...], torch.Tensor]]:
     """For every template key, {sample tuple: [2l+1, n_properties] values} read back
     from x, one row at a time."""
-    row_keys, channel_keys, irreps, channels = reference_layout(template, row_keys)
-    offsets = {}
-    dim = 0
-    for l, p in irreps:
-        offsets[(l, p)] = dim
-        dim += len(channels[(l, p)]) * (2 * l + 1)
+    row_keys, channel_keys, irreps, channels, offsets, dim = reference_layout(
+        template, row_keys
+    )
     n_samples = len(template.sample_names)
     result = {}
     for key, block in zip(_keys(template), template.blocks()):
