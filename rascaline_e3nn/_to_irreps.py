@@ -302,7 +302,18 @@ class TensorMapToIrreps(torch.nn.Module):
         # nothing to synchronise and torch.equal is the cheapest comparison
         on_cpu = device.type == "cpu"
         flags: List[torch.Tensor] = []
+        # names and gradients are the same for every block of a TensorMap (metatensor
+        # refuses anything else): one look for the whole map
+        if len(blocks) > 0 and (
+            tensor.sample_names != self._sample_names
+            or tensor.component_names != ["o3_mu"]
+            or tensor.property_names != self._block_prop_names[slots[0]]
+            or len(blocks[0].gradients_list()) != 0
+        ):
+            fast = False
         for i in range(len(slots)):
+            if not fast:
+                break
             t = slots[i]
             block = blocks[i]
             l = self._block_l[t]
@@ -320,14 +331,7 @@ class TensorMapToIrreps(torch.nn.Module):
             properties = block.properties
             if self._check:
                 components = block.components
-                if (
-                    block_samples.names != self._sample_names
-                    or properties.names != self._block_prop_names[t]
-                    or len(block.gradients_list()) != 0
-                    or len(components) != 1
-                    or components[0].names != ["o3_mu"]
-                    or components[0].values.shape[0] != 2 * l + 1
-                ):
+                if components[0].values.shape[0] != 2 * l + 1:
                     fast = False
                     break
                 if on_cpu:
