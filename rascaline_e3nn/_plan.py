@@ -13,7 +13,7 @@ from e3nn import o3
 from metatensor.torch import Labels, TensorMap
 
 from ._conventions import parity, sigma
-from ._tables import check_block
+from ._tables import check_block, describe_key
 
 #: key dimensions that define the irrep of a block
 IRREP_KEYS = ("o3_lambda", "o3_sigma")
@@ -170,7 +170,7 @@ class Layout:
         raw = []
         for index in range(len(template.keys)):
             key = tuple(int(v) for v in keys[index])
-            described = _describe_key(key_names, key)
+            described = describe_key(key_names, torch.tensor(key))
             if any(r[0] == key for r in raw):
                 raise ValueError(f"the template has the key {described} twice")
             block = template.block_by_id(index)
@@ -288,7 +288,3 @@ class Layout:
             groups=[()],
             segments=segments,
         )
-
-
-def _describe_key(names: Sequence[str], values: Sequence[int]) -> str:
-    return "(" + ", ".join(f"{n}={v}" for n, v in zip(names, values)) + ")"

@@ -3,7 +3,6 @@
 from typing import List, Optional, Sequence, Tuple
 
 import torch
-from e3nn import o3
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from ._conventions import BASES, LAYOUTS, check_option

@@ -241,12 +241,12 @@ class IrrepsToTensorMap(torch.nn.Module):
     def _move_labels(self, device: torch.device) -> None:
         self._keys = self._keys.to(device)
         components: List[Labels] = []
-        for labels in self._components:
-            components.append(labels.to(device))
+        for entry in self._components:
+            components.append(entry.to(device))
         self._components = components
         properties: List[Labels] = []
-        for labels in self._properties:
-            properties.append(labels.to(device))
+        for entry in self._properties:
+            properties.append(entry.to(device))
         self._properties = properties
         self._labels_device = device
 
