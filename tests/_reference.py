@@ -154,3 +154,15 @@ def make_block(l: int, samples, properties, values=None, property_names=("n",)):
         components=[Labels(["o3_mu"], torch.arange(-l, l + 1).reshape(-1, 1))],
         properties=Labels(list(property_names), properties),
     )
+
+
+def with_grad(tensor: TensorMap):
+    """A copy of ``tensor`` whose block values are new leaves requiring grad, and
+    the list of those leaves."""
+    leaves = [b.values.detach().clone().requires_grad_() for b in tensor.blocks()]
+    blocks = [
+        TensorBlock(values=v, samples=b.samples, components=b.components,
+                    properties=b.properties)
+        for v, b in zip(leaves, tensor.blocks())
+    ]
+    return TensorMap(tensor.keys, blocks), leaves

@@ -9,22 +9,12 @@ import metatensor.torch as mts
 import pytest
 import torch
 from e3nn import o3
-from metatensor.torch import TensorBlock, TensorMap
+from metatensor.torch import TensorMap
 from metatomic.torch import System
 
 from rascaline_e3nn import IrrepsToTensorMap, TensorMapToIrreps
+from _reference import with_grad
 from _systems import molecules, spherical_expansion, water_sodium
-
-
-def with_grad(tensor: TensorMap):
-    """A copy of ``tensor`` whose block values are leaves requiring grad."""
-    leaves = [b.values.detach().clone().requires_grad_() for b in tensor.blocks()]
-    blocks = [
-        TensorBlock(values=v, samples=b.samples, components=b.components,
-                    properties=b.properties)
-        for v, b in zip(leaves, tensor.blocks())
-    ]
-    return TensorMap(tensor.keys, blocks), leaves
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from rascaline_e3nn import TensorMapToIrreps
 from rascaline_e3nn._calculator import template_from_calculator
-from _reference import reference_to_irreps
+from _reference import reference_to_irreps, with_grad
 from _systems import DEVICES, accurate_rotations, lode, molecules, rotate, spherical_expansion, water_sodium
 
 ALL_TYPES = [1, 6, 8, 11, 17]
@@ -322,12 +322,7 @@ def test_fast_path_and_generic_path_agree_exactly(lode_water, basis, layout):
 
     grads = []
     for t in (tensor, reordered):
-        leaves = [b.values.detach().clone().requires_grad_() for b in t.blocks()]
-        inputs = TensorMap(t.keys, [
-            TensorBlock(values=v, samples=b.samples, components=b.components,
-                        properties=b.properties)
-            for v, b in zip(leaves, t.blocks())
-        ])
+        inputs, leaves = with_grad(t)
         out = module(inputs)
         assert torch.equal(out.detach(), module(tensor))
         out.backward(torch.arange(out.numel(), dtype=out.dtype).reshape(out.shape))
