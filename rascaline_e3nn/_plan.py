@@ -126,6 +126,33 @@ class Layout:
                 ptr.append(len(block))
         return block, start, length, ptr
 
+    def fused_tables(self, layout: str) -> Tuple[List[int], List[int]]:
+        """Tables of the fused kernel: ``meta`` (``l``, group, start in ``columns``
+        per block) and ``columns`` (first column and m step of every property of
+        every block, in the block's property order)."""
+        where: Dict[Tuple[int, int], Tuple[int, int]] = {}
+        for g in range(len(self.groups)):
+            for s in range(len(self.segments)):
+                c = 0
+                for t, j, n in self.pieces(g, s):
+                    if t >= 0:
+                        for i in range(n):
+                            where[(t, j + i)] = (s, c + i)
+                    c += n
+        meta: List[int] = []
+        columns: List[int] = []
+        for t, b in enumerate(self.blocks):
+            meta += [b.l, b.group, len(columns)]
+            n_m = 2 * b.l + 1
+            for j in range(b.properties.shape[0]):
+                s, c = where[(t, j)]
+                seg = self.segments[s]
+                if layout == "mul_ir":
+                    columns += [seg.offset + c * n_m, 1]
+                else:
+                    columns += [seg.offset + c, seg.mul]
+        return meta, columns
+
     def group_keys(self) -> torch.Tensor:
         """``[n_groups, n_row_keys]`` values of the row-like key dimensions."""
         groups = torch.tensor(self.groups, dtype=torch.int32)

@@ -6,6 +6,7 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from ._conventions import BASES, LAYOUTS, check_option
+from ._fused import FusedOps, fused_ops, tracing
 from ._plan import Layout
 from ._tables import (
     basis_tables,
@@ -76,6 +77,12 @@ class TensorMapToIrreps(torch.nn.Module):
         components, no gradient blocks, no duplicated rows. ``check=False`` skips
         these for inputs known to come from the template's producer (the property
         and sample values are still compared: they choose the fast path).
+    kernel : {"auto", "fused", "torch"}
+        How values move on the CPU. ``"fused"``: one compiled pass over the data
+        (see :func:`rascaline_e3nn.library_path`); ``"torch"``: PyTorch operators
+        only, so that a scripted module loads wherever metatensor-torch does;
+        ``"auto"`` (default): fused when the kernel could be built. Other devices
+        always use PyTorch operators.
 
     Examples
     --------
@@ -121,6 +128,8 @@ class TensorMapToIrreps(torch.nn.Module):
     _piece_start: List[int]
     _piece_len: List[int]
     _piece_ptr: List[int]
+    _fused_meta: List[int]
+    _fused_columns: List[int]
 
     def __init__(
         self,
@@ -130,14 +139,15 @@ class TensorMapToIrreps(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
+        kernel: str = "auto",
     ):
         super().__init__()
         self.basis = check_option("basis", basis, BASES)
         self.layout = check_option("layout", layout, LAYOUTS)
         plan = Layout.from_tensor_map(template, row_keys)
-        self._setup(plan, check)
+        self._setup(plan, check, kernel)
 
-    def _setup(self, plan: Layout, check: bool) -> None:
+    def _setup(self, plan: Layout, check: bool, kernel: str) -> None:
         self.plan = plan
         self.irreps_out = plan.irreps_e3nn
         self._e3nn_basis = self.basis == "e3nn"
@@ -196,6 +206,11 @@ class TensorMapToIrreps(torch.nn.Module):
         self._mu_of_l = [torch.arange(-l, l + 1, dtype=torch.int32) for l in range(L + 1)]
         self._properties_of_block = [b.properties.clone() for b in plan.blocks]
 
+        self.kernel = kernel
+        self._ops = fused_ops(kernel)
+        self._fused = isinstance(self._ops, FusedOps)
+        self._fused_meta, self._fused_columns = plan.fused_tables(self.layout)
+
     # ------------------------------------------------------------------ metadata
 
     @classmethod
@@ -208,6 +223,7 @@ class TensorMapToIrreps(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
+        kernel: str = "auto",
     ) -> "TensorMapToIrreps":
         """The layout of a featomic-torch ``SphericalExpansion`` or
         ``LodeSphericalExpansion`` for a batch containing every pair of
@@ -215,7 +231,10 @@ class TensorMapToIrreps(torch.nn.Module):
         from ._calculator import template_from_calculator
 
         template = template_from_calculator(calculator, atom_types)
-        return cls(template, basis=basis, layout=layout, row_keys=row_keys, check=check)
+        return cls(
+            template, basis=basis, layout=layout, row_keys=row_keys, check=check,
+            kernel=kernel,
+        )
 
     @torch.jit.unused
     def inverse(self):
@@ -223,7 +242,8 @@ class TensorMapToIrreps(torch.nn.Module):
         from ._to_tensor_map import IrrepsToTensorMap
 
         return IrrepsToTensorMap._from_plan(
-            self.plan, basis=self.basis, layout=self.layout, check=self._check
+            self.plan, basis=self.basis, layout=self.layout, check=self._check,
+            kernel=self.kernel,
         )
 
     @torch.jit.unused
@@ -555,9 +575,31 @@ class TensorMapToIrreps(torch.nn.Module):
                 dtype = v.dtype
                 device = v.device
                 break
-        basis = self._basis.to(dtype=dtype, device=device)
-
         _, position = self._rows(group_samples)
+        fused = self._fused and device.type == "cpu"
+        if not torch.jit.is_scripting():
+            fused = fused and not tracing()
+        if fused and (dtype == torch.float32 or dtype == torch.float64):
+            present: List[torch.Tensor] = []
+            slots: List[int] = []
+            for t in range(self._n_blocks):
+                v = values[t]
+                if v is not None:
+                    present.append(v)
+                    slots.append(t)
+            if len(present) > 0:
+                group_rows: List[int] = []
+                for g in range(self._n_groups):
+                    group_rows.append(group_samples[g].shape[0])
+                fused_basis: Optional[torch.Tensor] = None
+                if self._e3nn_basis:
+                    fused_basis = self._basis
+                return self._ops.to_irreps(
+                    present, slots, position, group_rows, fused_basis,
+                    self._fused_meta, self._fused_columns, self._dim,
+                )
+
+        basis = self._basis.to(dtype=dtype, device=device)
         out = torch.empty((position.shape[0], self._dim), dtype=dtype, device=device)
         # Without autograd, row groups go one after the other straight into the
         # output, so that the memory of one group's intermediates is reused by the

@@ -7,6 +7,7 @@ from e3nn import o3
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from ._conventions import BASES, LAYOUTS, check_option
+from ._fused import FusedOps, fused_ops, tracing
 from ._plan import Layout
 from ._tables import (
     basis_tables,
@@ -46,6 +47,8 @@ class IrrepsToTensorMap(torch.nn.Module):
         Validate the input (default): duplicated rows, and, for layouts where some
         row groups lack blocks of some channels (a template from a batch missing
         type pairs), that ``x`` is zero there instead of dropping those values.
+    kernel : {"auto", "fused", "torch"}
+        How values move on the CPU, as for :py:class:`TensorMapToIrreps`.
 
     Examples
     --------
@@ -79,6 +82,9 @@ class IrrepsToTensorMap(torch.nn.Module):
     _block_pieces: List[int]
     _components: List[Labels]
     _properties: List[Labels]
+    _fused_meta: List[int]
+    _fused_columns: List[int]
+    _all_blocks: List[int]
 
     def __init__(
         self,
@@ -88,10 +94,11 @@ class IrrepsToTensorMap(torch.nn.Module):
         layout: str = "mul_ir",
         property_name: str = "n",
         check: bool = True,
+        kernel: str = "auto",
     ):
         super().__init__()
         plan = Layout.from_irreps(o3.Irreps(irreps), [], property_name)
-        self._setup(plan, basis, layout, all_samples=True, check=check)
+        self._setup(plan, basis, layout, all_samples=True, check=check, kernel=kernel)
 
     @classmethod
     def from_tensor_map(
@@ -102,23 +109,26 @@ class IrrepsToTensorMap(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
+        kernel: str = "auto",
     ) -> "IrrepsToTensorMap":
         """The exact inverse of ``TensorMapToIrreps(template, basis=basis,
         layout=layout, row_keys=row_keys)``."""
         plan = Layout.from_tensor_map(template, row_keys)
-        return cls._from_plan(plan, basis=basis, layout=layout, check=check)
+        return cls._from_plan(plan, basis=basis, layout=layout, check=check, kernel=kernel)
 
     @classmethod
     def _from_plan(
-        cls, plan: Layout, *, basis: str, layout: str, check: bool = True
+        cls, plan: Layout, *, basis: str, layout: str, check: bool = True,
+        kernel: str = "auto",
     ) -> "IrrepsToTensorMap":
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
-        module._setup(plan, basis, layout, all_samples=False, check=check)
+        module._setup(plan, basis, layout, all_samples=False, check=check, kernel=kernel)
         return module
 
     def _setup(
-        self, plan: Layout, basis: str, layout: str, all_samples: bool, check: bool
+        self, plan: Layout, basis: str, layout: str, all_samples: bool, check: bool,
+        kernel: str,
     ) -> None:
         self.basis = check_option("basis", basis, BASES)
         self.layout = check_option("layout", layout, LAYOUTS)
@@ -181,6 +191,12 @@ class IrrepsToTensorMap(torch.nn.Module):
         basis_matrices, perm, inverse = basis_tables(plan.max_l)
         self.register_buffer("_basis", basis_matrices, persistent=False)
         self.register_buffer("_perm1_inverse", inverse, persistent=False)
+
+        self.kernel = kernel
+        self._ops = fused_ops(kernel)
+        self._fused = isinstance(self._ops, FusedOps)
+        self._fused_meta, self._fused_columns = plan.fused_tables(self.layout)
+        self._all_blocks = list(range(len(plan.blocks)))
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in}, basis={self.basis}, layout={self.layout}"
@@ -250,6 +266,41 @@ class IrrepsToTensorMap(torch.nn.Module):
         self._properties = properties
         self._labels_device = device
 
+    def _fused_forward(
+        self,
+        x: torch.Tensor,
+        position: torch.Tensor,
+        counts: List[int],
+        grouped_samples: torch.Tensor,
+        sample_names: List[str],
+        sample_columns: List[int],
+    ) -> TensorMap:
+        fused_basis: Optional[torch.Tensor] = None
+        if self._e3nn_basis:
+            fused_basis = self._basis
+        values = self._ops.from_irreps(
+            x, self._all_blocks, position, counts, fused_basis,
+            self._fused_meta, self._fused_columns,
+        )
+        group_labels: List[Labels] = []
+        start = 0
+        for g in range(self._n_groups):
+            n = counts[g]
+            group_values = select_columns(grouped_samples[start : start + n], sample_columns)
+            group_labels.append(labels(sample_names, group_values))
+            start += n
+        blocks: List[TensorBlock] = []
+        for t in range(self._n_blocks):
+            blocks.append(
+                TensorBlock(
+                    values=values[t],
+                    samples=group_labels[self._block_group[t]],
+                    components=[self._components[self._block_l[t]]],
+                    properties=self._properties[t],
+                )
+            )
+        return TensorMap(self._keys, blocks)
+
     def _columns(self, names: List[str], wanted: List[str], what: str) -> List[int]:
         columns: List[int] = []
         for name in wanted:
@@ -309,10 +360,22 @@ class IrrepsToTensorMap(torch.nn.Module):
                     + " more than once"
                 )
 
+        fused = (
+            self._fused
+            and device.type == "cpu"
+            and (x.dtype == torch.float32 or x.dtype == torch.float64)
+            and not (self._check and len(self._holes) > 0)
+        )
+        if not torch.jit.is_scripting():
+            fused = fused and not tracing()
+        # the flat row of every grouped row (fused kernel only)
+        position = torch.zeros(0, dtype=torch.int64)
         if self._n_groups == 1 and len(self._row_key_names) == 0:
             grouped_x = x
             grouped_samples = sample_values
             counts: List[int] = [n_rows]
+            if fused:
+                position = torch.arange(n_rows, dtype=torch.int64)
         else:
             row_columns = self._columns(
                 names, self._row_key_names, "a key dimension moved to rows"
@@ -335,14 +398,21 @@ class IrrepsToTensorMap(torch.nn.Module):
                 )
             counts = counts[: self._n_groups]
             _, order = torch.sort(group, stable=True)
-            # a scatter on a fresh tensor: its backward is the inverse gather
-            grouped_x = torch.empty_like(x)
-            grouped_x.index_copy_(0, inverse_permutation(order), x)
             grouped_samples = sample_values.index_select(0, order)
+            if fused:
+                grouped_x = x
+                position = order
+            else:
+                # a scatter on a fresh tensor: its backward is the inverse gather
+                grouped_x = torch.empty_like(x)
+                grouped_x.index_copy_(0, inverse_permutation(order), x)
 
-        basis = self._basis.to(dtype=x.dtype, device=device)
         if device != self._labels_device:
             self._move_labels(device)
+        if fused:
+            return self._fused_forward(x, position, counts, grouped_samples, sample_names, sample_columns)
+
+        basis = self._basis.to(dtype=x.dtype, device=device)
         cd = self._channel_dim
         pieces: List[torch.Tensor] = []
         group_labels: List[Labels] = []

@@ -1,0 +1,168 @@
+"""The fused CPU kernel: one pass over the data, compiled on first import.
+
+``rascaline_e3nn/csrc/fused.cpp`` registers two TorchScript operators,
+``torch.ops.rascaline_e3nn.to_irreps`` and ``torch.ops.rascaline_e3nn.from_irreps``,
+each the other's backward (the change of basis is orthogonal). It is compiled with
+``torch.utils.cpp_extension`` against the installed torch the first time the package
+is imported (about 25 s), then cached under ``$RASCALINE_E3NN_CACHE`` (default
+``~/.cache/rascaline_e3nn``), one build per torch version and source.
+
+Set ``RASCALINE_E3NN_KERNEL=torch`` to skip the build: every module then uses pure
+PyTorch operators, as ``kernel="torch"`` does.
+"""
+
+import hashlib
+import os
+import warnings
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+
+SOURCE = Path(__file__).parent / "csrc" / "fused.cpp"
+KERNELS = ("auto", "fused", "torch")
+
+_library: Optional[str] = None
+_error: Optional[str] = None
+
+
+def _build_directory() -> Path:
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+    root = os.environ.get("RASCALINE_E3NN_CACHE", "~/.cache/rascaline_e3nn")
+    tag = f"torch-{torch.__version__}-{digest}".replace("+", "_")
+    return Path(root).expanduser() / tag
+
+
+def load() -> Optional[str]:
+    """Build (once) and load the fused kernel; the path of its shared library, or
+    None when it is disabled or could not be built (the reason: :func:`error`)."""
+    global _library, _error
+    if _library is not None or _error is not None:
+        return _library
+    if os.environ.get("RASCALINE_E3NN_KERNEL", "") == "torch":
+        _error = "disabled by RASCALINE_E3NN_KERNEL=torch"
+        return None
+    try:
+        from torch.utils import cpp_extension
+
+        directory = _build_directory()
+        directory.mkdir(parents=True, exist_ok=True)
+        name = "rascaline_e3nn_fused"
+        cpp_extension.load(
+            name=name,
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3"],
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=False,
+        )
+        _library = str(directory / f"{name}.so")
+    except Exception as e:  # no compiler, no ninja, read-only cache, ...
+        _error = f"{type(e).__name__}: {e}"
+        warnings.warn(
+            "rascaline_e3nn: the fused CPU kernel could not be built, falling back to "
+            f"PyTorch operators (slower): {_error}",
+            stacklevel=2,
+        )
+    return _library
+
+
+def error() -> Optional[str]:
+    """Why the fused kernel is not available (None when it is)."""
+    return _error
+
+
+def library_path() -> str:
+    """Path of the fused kernel's shared library, for ``torch.ops.load_library`` in
+    a process (or a C++ program) that loads a scripted module using it without
+    importing rascaline_e3nn."""
+    path = load()
+    if path is None:
+        raise RuntimeError("the fused kernel is not available: " + str(_error))
+    return path
+
+
+def use_fused(kernel: str) -> bool:
+    """Whether a module built with ``kernel=`` calls the fused operators."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "torch":
+        return False
+    available = load() is not None
+    if kernel == "fused" and not available:
+        raise RuntimeError("kernel='fused' asked for, but " + str(_error))
+    return available
+
+
+class FusedOps(torch.nn.Module):
+    """The fused operators, as a submodule: a scripted module references them only
+    when built with this one (``kernel="torch"`` gets :class:`NoFusedOps`)."""
+
+    def to_irreps(
+        self,
+        values: List[torch.Tensor],
+        slots: List[int],
+        position: torch.Tensor,
+        group_rows: List[int],
+        basis: Optional[torch.Tensor],
+        meta: List[int],
+        columns: List[int],
+        dim: int,
+    ) -> torch.Tensor:
+        return torch.ops.rascaline_e3nn.to_irreps(
+            values, slots, position, group_rows, basis, meta, columns, dim
+        )
+
+    def from_irreps(
+        self,
+        x: torch.Tensor,
+        slots: List[int],
+        position: torch.Tensor,
+        group_rows: List[int],
+        basis: Optional[torch.Tensor],
+        meta: List[int],
+        columns: List[int],
+    ) -> List[torch.Tensor]:
+        return torch.ops.rascaline_e3nn.from_irreps(
+            x, slots, position, group_rows, basis, meta, columns
+        )
+
+
+class NoFusedOps(torch.nn.Module):
+    """Stand-in for :class:`FusedOps` in modules that never call it."""
+
+    def to_irreps(
+        self,
+        values: List[torch.Tensor],
+        slots: List[int],
+        position: torch.Tensor,
+        group_rows: List[int],
+        basis: Optional[torch.Tensor],
+        meta: List[int],
+        columns: List[int],
+        dim: int,
+    ) -> torch.Tensor:
+        raise RuntimeError("this module was built without the fused kernel")
+
+    def from_irreps(
+        self,
+        x: torch.Tensor,
+        slots: List[int],
+        position: torch.Tensor,
+        group_rows: List[int],
+        basis: Optional[torch.Tensor],
+        meta: List[int],
+        columns: List[int],
+    ) -> List[torch.Tensor]:
+        raise RuntimeError("this module was built without the fused kernel")
+
+
+def tracing() -> bool:
+    """True under torch.compile (dynamo), which cannot trace the fused operators:
+    they have no fake-tensor implementation, so compiled code takes the PyTorch
+    operator path. Call only behind ``not torch.jit.is_scripting()``."""
+    return torch.compiler.is_compiling()
+
+
+def fused_ops(kernel: str) -> torch.nn.Module:
+    return FusedOps() if use_fused(kernel) else NoFusedOps()

@@ -1,0 +1,137 @@
+"""The fused CPU kernel against the PyTorch-operator path, on real featomic output.
+
+The rest of the suite runs the default (``kernel="auto"``, the fused kernel where it
+could be built); these tests pin the other path to it, value for value and gradient
+for gradient, so that both stay proved.
+"""
+
+import pytest
+import torch
+from metatensor.torch import TensorBlock, TensorMap
+
+import rascaline_e3nn
+from rascaline_e3nn import IrrepsToTensorMap, TensorMapToIrreps
+from rascaline_e3nn import _fused
+from _reference import with_grad
+from _systems import lode, molecules, spherical_expansion, water_sodium
+
+
+def test_the_fused_kernel_was_built():
+    # CI installs a compiler and ninja: a silent fallback would hide a broken build
+    assert _fused.error() is None
+    assert rascaline_e3nn.library_path().endswith(".so")
+    assert TensorMapToIrreps.__init__.__kwdefaults__["kernel"] == "auto"
+
+
+@pytest.fixture(
+    scope="module",
+    params=["lode, one system (fast path)", "spherical expansion, batch (generic path)"],
+)
+def tensor(request):
+    if request.param.startswith("lode"):
+        return lode(max_angular=3, max_radial=2)([water_sodium()])
+    return spherical_expansion(max_angular=3, max_radial=2)(molecules())
+
+
+def _exact_or_close(a, b, basis):
+    if basis == "featomic":
+        # the same values moved: bit for bit
+        assert torch.equal(a, b)
+    else:
+        # the same products, summed in another order
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-14)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("basis", ["featomic", "e3nn"])
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_to_irreps_fused_equals_torch(tensor, basis, layout, dtype):
+    tensor = tensor.to(dtype=dtype)
+    outputs = []
+    for kernel in ["torch", "fused"]:
+        module = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel=kernel)
+        assert module._fused == (kernel == "fused")
+        inputs, leaves = with_grad(tensor)
+        x = module(inputs)
+        weights = torch.linspace(-1, 1, x.numel(), dtype=dtype).reshape(x.shape)
+        (x * weights).sum().backward()
+        outputs.append((x.detach(), [v.grad for v in leaves]))
+    scale = 1.0 if dtype == torch.float64 else 1e8
+    if basis == "featomic" or dtype == torch.float64:
+        _exact_or_close(outputs[0][0], outputs[1][0], basis)
+        for a, b in zip(outputs[0][1], outputs[1][1]):
+            _exact_or_close(a, b, basis)
+    else:
+        torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=0, atol=1e-14 * scale)
+
+
+@pytest.mark.parametrize("basis", ["featomic", "e3nn"])
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_to_tensor_map_fused_equals_torch(tensor, basis, layout):
+    forward = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="torch")
+    samples = forward.samples(tensor)
+    x = forward(tensor)
+    results = []
+    for kernel in ["torch", "fused"]:
+        # check=False: the batch's layout has channels without blocks for some
+        # rows, whose check goes through PyTorch operators whatever the kernel
+        inverse = IrrepsToTensorMap.from_tensor_map(
+            tensor, basis=basis, layout=layout, kernel=kernel, check=False
+        )
+        y = x.clone().requires_grad_()
+        back = inverse(y, samples)
+        loss = sum((i + 1) * (b.values**2).sum() for i, b in enumerate(back.blocks()))
+        loss.backward()
+        results.append((back, y.grad))
+    for a, b in zip(results[0][0].blocks(), results[1][0].blocks()):
+        assert a.samples == b.samples and a.properties == b.properties
+        _exact_or_close(a.values.detach(), b.values.detach(), basis)
+    _exact_or_close(results[0][1], results[1][1], basis)
+
+
+@pytest.mark.parametrize("basis", ["featomic", "e3nn"])
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_fused_gradgradcheck_both_directions(basis, layout):
+    tensor = spherical_expansion(max_angular=2, max_radial=1)(molecules())
+    forward = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="fused")
+    inverse = IrrepsToTensorMap.from_tensor_map(
+        tensor, basis=basis, layout=layout, kernel="fused", check=False
+    )
+    assert inverse._fused
+    samples = forward.samples(tensor)
+    _, leaves = with_grad(tensor)
+
+    def to_irreps(*values):
+        blocks = [
+            TensorBlock(v, b.samples, b.components, b.properties)
+            for v, b in zip(values, tensor.blocks())
+        ]
+        return forward(TensorMap(tensor.keys, blocks))
+
+    def to_tensor_map(x):
+        return tuple(b.values for b in inverse(x, samples).blocks())
+
+    assert torch.autograd.gradcheck(to_irreps, leaves, fast_mode=True)
+    assert torch.autograd.gradgradcheck(to_irreps, leaves, fast_mode=True)
+    x = forward(tensor).detach().requires_grad_()
+    assert torch.autograd.gradcheck(to_tensor_map, (x,), fast_mode=True)
+    assert torch.autograd.gradgradcheck(to_tensor_map, (x,), fast_mode=True)
+
+
+def test_scripted_fused_equals_eager(tensor):
+    module = TensorMapToIrreps(tensor, kernel="fused")
+    scripted = torch.jit.script(module)
+    assert torch.equal(scripted(tensor), module(tensor))
+    inverse = module.inverse()
+    samples = module.samples(tensor)
+    x = module(tensor)
+    a, b = inverse(x, samples), torch.jit.script(inverse)(x, samples)
+    for u, v in zip(a.blocks(), b.blocks()):
+        assert torch.equal(u.values, v.values)
+
+
+def test_unknown_kernel_is_refused(tensor):
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        TensorMapToIrreps(tensor, kernel="cuda")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        IrrepsToTensorMap("1x0e", kernel="fast")
