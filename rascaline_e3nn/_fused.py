@@ -3,12 +3,13 @@
 ``rascaline_e3nn/csrc/fused.cpp`` registers two TorchScript operators,
 ``torch.ops.rascaline_e3nn.to_irreps`` and ``torch.ops.rascaline_e3nn.from_irreps``,
 each the other's backward (the change of basis is orthogonal). It is compiled with
-``torch.utils.cpp_extension`` against the installed torch the first time the package
-is imported (about 25 s), then cached under ``$RASCALINE_E3NN_CACHE`` (default
+``torch.utils.cpp_extension`` against the installed torch the first time a module
+asks for it (``kernel="fused"`` or ``"auto"``) or :func:`library_path` is called
+(about 25 s), then cached under ``$RASCALINE_E3NN_CACHE`` (default
 ``~/.cache/rascaline_e3nn``), one build per torch version and source.
 
-Set ``RASCALINE_E3NN_KERNEL=torch`` to skip the build: every module then uses pure
-PyTorch operators, as ``kernel="torch"`` does.
+Set ``RASCALINE_E3NN_KERNEL=torch`` to forbid the build: ``kernel="auto"`` then uses
+PyTorch operators and ``kernel="fused"`` raises.
 """
 
 import hashlib

@@ -94,7 +94,7 @@ class IrrepsToTensorMap(torch.nn.Module):
         layout: str = "mul_ir",
         property_name: str = "n",
         check: bool = True,
-        kernel: str = "auto",
+        kernel: str = "torch",
     ):
         super().__init__()
         plan = Layout.from_irreps(o3.Irreps(irreps), [], property_name)
@@ -109,7 +109,7 @@ class IrrepsToTensorMap(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
-        kernel: str = "auto",
+        kernel: str = "torch",
     ) -> "IrrepsToTensorMap":
         """The exact inverse of ``TensorMapToIrreps(template, basis=basis,
         layout=layout, row_keys=row_keys)``."""
@@ -119,7 +119,7 @@ class IrrepsToTensorMap(torch.nn.Module):
     @classmethod
     def _from_plan(
         cls, plan: Layout, *, basis: str, layout: str, check: bool = True,
-        kernel: str = "auto",
+        kernel: str = "torch",
     ) -> "IrrepsToTensorMap":
         module = cls.__new__(cls)
         torch.nn.Module.__init__(module)
