@@ -16,9 +16,10 @@ import hashlib
 import os
 import warnings
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
+from metatensor.torch import TensorMap
 
 SOURCE = Path(__file__).parent / "csrc" / "fused.cpp"
 KERNELS = ("auto", "fused", "torch")
@@ -27,11 +28,30 @@ _library: Optional[str] = None
 _error: Optional[str] = None
 
 
-def _build_directory() -> Path:
+def _metatensor_paths():
+    """Headers and libraries of metatensor-core and metatensor-torch (the kernel
+    reads TensorMaps directly, through metatensor-torch's C++ API)."""
+    import metatensor
+    import metatensor_torch
+    from metatensor_torch._c_lib import _lib_path
+
+    torch_lib = os.path.dirname(_lib_path())
+    torch_include = os.path.join(os.path.dirname(torch_lib), "include")
+    core = os.path.dirname(metatensor.__file__)
+    core_lib = os.path.join(core, "lib")
+    includes = [torch_include, os.path.join(core, "include")]
+    flags = [
+        f"-L{torch_lib}", "-lmetatensor_torch", f"-Wl,-rpath,{torch_lib}",
+        f"-L{core_lib}", "-lmetatensor", f"-Wl,-rpath,{core_lib}",
+    ]
+    return includes, flags, metatensor_torch.__version__
+
+
+def _build_directory(metatensor_torch_version: str) -> Path:
     digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
     root = os.environ.get("RASCALINE_E3NN_CACHE", "~/.cache/rascaline_e3nn")
-    tag = f"torch-{torch.__version__}-{digest}".replace("+", "_")
-    return Path(root).expanduser() / tag
+    tag = f"torch-{torch.__version__}-mts-{metatensor_torch_version}-{digest}"
+    return Path(root).expanduser() / tag.replace("+", "_")
 
 
 def load() -> Optional[str]:
@@ -44,15 +64,19 @@ def load() -> Optional[str]:
         _error = "disabled by RASCALINE_E3NN_KERNEL=torch"
         return None
     try:
+        import metatensor.torch  # noqa: F401  (registers the TensorMap class first)
         from torch.utils import cpp_extension
 
-        directory = _build_directory()
+        includes, ldflags, version = _metatensor_paths()
+        directory = _build_directory(version)
         directory.mkdir(parents=True, exist_ok=True)
         name = "rascaline_e3nn_fused"
         cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
             extra_cflags=["-O3"],
+            extra_include_paths=includes,
+            extra_ldflags=ldflags,
             build_directory=str(directory),
             is_python_module=False,
             verbose=False,
@@ -99,6 +123,28 @@ class FusedOps(torch.nn.Module):
     """The fused operators, as a submodule: a scripted module references them only
     when built with this one (``kernel="torch"`` gets :class:`NoFusedOps`)."""
 
+    def to_irreps_map(
+        self,
+        tensor: TensorMap,
+        key_names: List[str],
+        template_keys: torch.Tensor,
+        sample_names: List[str],
+        property_names: List[str],
+        block_l: List[int],
+        block_group: List[int],
+        template_properties: List[torch.Tensor],
+        group_keys: torch.Tensor,
+        check: bool,
+        basis: Optional[torch.Tensor],
+        meta: List[int],
+        columns: List[int],
+        dim: int,
+    ) -> Tuple[bool, torch.Tensor]:
+        return torch.ops.rascaline_e3nn.to_irreps_map(
+            tensor, key_names, template_keys, sample_names, property_names, block_l,
+            block_group, template_properties, group_keys, check, basis, meta, columns, dim,
+        )
+
     def to_irreps(
         self,
         values: List[torch.Tensor],
@@ -131,6 +177,25 @@ class FusedOps(torch.nn.Module):
 
 class NoFusedOps(torch.nn.Module):
     """Stand-in for :class:`FusedOps` in modules that never call it."""
+
+    def to_irreps_map(
+        self,
+        tensor: TensorMap,
+        key_names: List[str],
+        template_keys: torch.Tensor,
+        sample_names: List[str],
+        property_names: List[str],
+        block_l: List[int],
+        block_group: List[int],
+        template_properties: List[torch.Tensor],
+        group_keys: torch.Tensor,
+        check: bool,
+        basis: Optional[torch.Tensor],
+        meta: List[int],
+        columns: List[int],
+        dim: int,
+    ) -> Tuple[bool, torch.Tensor]:
+        raise RuntimeError("this module was built without the fused kernel")
 
     def to_irreps(
         self,

@@ -214,6 +214,8 @@ class TensorMapToIrreps(torch.nn.Module):
         self._ops = fused_ops(kernel)
         self._fused = isinstance(self._ops, FusedOps)
         self._fused_meta, self._fused_columns = plan.fused_tables(self.layout)
+        # host copy: the fused kernel reads the metadata on the CPU
+        self._group_keys_host = plan.group_keys()
 
     # ------------------------------------------------------------------ metadata
 
@@ -570,6 +572,24 @@ class TensorMapToIrreps(torch.nn.Module):
         return labels(self._sample_names + self._row_key_names, rows)
 
     def forward(self, tensor: TensorMap) -> torch.Tensor:
+        fused = self._fused and self._n_blocks > 0
+        if not torch.jit.is_scripting():
+            fused = fused and not tracing()
+        if fused:
+            # the common case, metadata included, in one call (CPU, float32/64);
+            # anything else comes back as (False, _) and takes the path below
+            fused_basis: Optional[torch.Tensor] = None
+            if self._e3nn_basis:
+                fused_basis = self._basis
+            done, out = self._ops.to_irreps_map(
+                tensor, self._key_names, self._keys_host, self._sample_names,
+                self._block_prop_names[0], self._block_l, self._block_group,
+                self._properties_of_block, self._group_keys_host, self._check,
+                fused_basis, self._fused_meta, self._fused_columns, self._dim,
+            )
+            if done:
+                return out
+
         values, group_samples = self._collect(tensor)
 
         dtype = torch.zeros(0).dtype  # the default dtype, when no block is present
@@ -595,11 +615,11 @@ class TensorMapToIrreps(torch.nn.Module):
                 group_rows: List[int] = []
                 for g in range(self._n_groups):
                     group_rows.append(group_samples[g].shape[0])
-                fused_basis: Optional[torch.Tensor] = None
+                basis_or_none: Optional[torch.Tensor] = None
                 if self._e3nn_basis:
-                    fused_basis = self._basis
+                    basis_or_none = self._basis
                 return self._ops.to_irreps(
-                    present, slots, position, group_rows, fused_basis,
+                    present, slots, position, group_rows, basis_or_none,
                     self._fused_meta, self._fused_columns, self._dim,
                 )
 

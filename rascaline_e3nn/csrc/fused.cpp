@@ -17,6 +17,13 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <ATen/Parallel.h>
 
+#include <metatensor/torch.hpp>
+
+#include <algorithm>
+#include <numeric>
+#include <string>
+#include <tuple>
+
 #include <cstring>
 #include <cstdint>
 #if defined(__SSE2__)
@@ -171,10 +178,12 @@ int64_t max_l_of(const Plan& plan) {
 }
 
 // one block row [2l+1, P] (featomic basis) into its columns of a row
-template <typename T>
+// PF > 0: the number of properties, known at compile time (the short inner loops
+// then unroll into a few vector moves); PF = 0: read from the block
+template <typename T, int PF>
 inline void put_row(const Block& b, const T* __restrict__ src, const Sparse<T>* D, T* tmp, T* row) {
-    auto K = 2 * b.l + 1;
-    auto P = b.n_props;
+    const int64_t K = 2 * b.l + 1;
+    const int64_t P = PF > 0 ? PF : b.n_props;
     if (D != nullptr && b.run == IR_MUL) {
         // x_e3nn[a] = sum_b D[a, b] x[b], straight into the row
         for (int64_t a = 0; a < K; a++) {
@@ -223,10 +232,10 @@ inline void put_row(const Block& b, const T* __restrict__ src, const Sparse<T>* 
 
 // the columns of one block in a row into a block row [2l+1, P] (featomic basis);
 // D lists the transpose: x_featomic[a] = sum_b D[b, a] x_e3nn[b]
-template <typename T>
+template <typename T, int PF>
 inline void get_row(const Block& b, const T* row, const Sparse<T>* D, T* tmp, T* __restrict__ dst) {
-    auto K = 2 * b.l + 1;
-    auto P = b.n_props;
+    const int64_t K = 2 * b.l + 1;
+    const int64_t P = PF > 0 ? PF : b.n_props;
     if (D != nullptr && b.run == IR_MUL) {
         for (int64_t a = 0; a < K; a++) {
             T* __restrict__ acc = dst + a * P;
@@ -308,6 +317,16 @@ inline void stream_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n
     copy_row(dst, src, n);
 }
 
+#define RASCALINE_E3NN_BY_PROPERTIES(P, CALL) \
+    switch (P) { \
+        case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
+        case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break; \
+        case 7: CALL(7); break; case 8: CALL(8); break; case 9: CALL(9); break; \
+        case 10: CALL(10); break; case 11: CALL(11); break; case 12: CALL(12); break; \
+        case 13: CALL(13); break; case 14: CALL(14); break; case 15: CALL(15); break; \
+        case 16: CALL(16); break; default: CALL(0); break; \
+    }
+
 template <typename T>
 const Sparse<T>* basis_of(const std::vector<Sparse<T>>& basis, const Block& b) {
     return (!basis.empty() && b.l >= 1) ? &basis[b.l] : nullptr;
@@ -366,9 +385,12 @@ void scatter_kernel(
                     const auto& b = plan.blocks[members[j]];
                     auto size = (2 * b.l + 1) * b.n_props;
                     auto D = basis_of(basis, b);
-                    for (int64_t i = c0; i < c1; i++) {
-                        put_row<T>(b, sources[j] + i * size, D, tmp.data(), staging.data() + (i - c0) * dim);
+#define RASCALINE_E3NN_PUT(PF) \
+                    for (int64_t i = c0; i < c1; i++) { \
+                        put_row<T, PF>(b, sources[j] + i * size, D, tmp.data(), staging.data() + (i - c0) * dim); \
                     }
+                    RASCALINE_E3NN_BY_PROPERTIES(b.n_props, RASCALINE_E3NN_PUT)
+#undef RASCALINE_E3NN_PUT
                 }
                 for (int64_t i = c0; i < c1; i++) {
                     stream_row(out + rows[i] * dim, staging.data() + (i - c0) * dim, dim);
@@ -414,9 +436,12 @@ void gather_kernel(
                     const auto& b = plan.blocks[members[j]];
                     auto size = (2 * b.l + 1) * b.n_props;
                     auto D = basis_of(basis, b);
-                    for (int64_t i = c0; i < c1; i++) {
-                        get_row<T>(b, staging.data() + (i - c0) * dim, D, tmp.data(), targets[j] + i * size);
+#define RASCALINE_E3NN_GET(PF) \
+                    for (int64_t i = c0; i < c1; i++) { \
+                        get_row<T, PF>(b, staging.data() + (i - c0) * dim, D, tmp.data(), targets[j] + i * size); \
                     }
+                    RASCALINE_E3NN_BY_PROPERTIES(b.n_props, RASCALINE_E3NN_GET)
+#undef RASCALINE_E3NN_GET
                 }
             }
         });
@@ -614,6 +639,176 @@ std::vector<Tensor> from_irreps_autograd(
     return FromIrreps::apply(x, slots, position, group_rows, basis, meta, columns);
 }
 
+
+// ---------------------------------------------------------------- whole TensorMap
+//
+// The common case of TensorMapToIrreps, metadata included: every key of the input is
+// in the layout, once; names, components (when `check`) and properties are the
+// template's; the blocks of a row group share their samples; CPU floating point
+// values; no duplicated rows (when `check`). Anything else returns (false, _) and
+// the TorchScript code takes its detailed path, which handles or names it.
+
+bool equal_int32(const Tensor& a, const Tensor& b) {
+    if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) {
+        return false;
+    }
+    if (!a.device().is_cpu() || !b.device().is_cpu()) {
+        return false;
+    }
+    if (a.is_same(b)) {
+        return true;
+    }
+    auto ac = a.contiguous();
+    auto bc = b.contiguous();
+    return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.numel() * ac.element_size()) == 0;
+}
+
+std::tuple<bool, Tensor> to_irreps_map(
+    const metatensor_torch::TensorMap& tensor,
+    const std::vector<std::string>& key_names,
+    const Tensor& template_keys,
+    const std::vector<std::string>& sample_names,
+    const std::vector<std::string>& property_names,
+    c10::IntArrayRef block_l,
+    c10::IntArrayRef block_group,
+    const std::vector<Tensor>& template_properties,
+    const Tensor& group_keys,
+    bool check,
+    const c10::optional<Tensor>& basis,
+    c10::IntArrayRef meta,
+    c10::IntArrayRef columns,
+    int64_t dim
+) {
+    auto not_fast = std::make_tuple(false, torch::empty({0}));
+    auto n_blocks = template_keys.size(0);
+    auto n_key = static_cast<int64_t>(key_names.size());
+    auto n_groups = group_keys.size(0);
+    auto n_row_keys = group_keys.size(1);
+    TORCH_CHECK(template_keys.scalar_type() == torch::kInt32 && template_keys.is_contiguous()
+        && template_keys.size(1) == n_key, "rascaline_e3nn: bad template keys");
+    TORCH_CHECK(group_keys.scalar_type() == torch::kInt32 && group_keys.device().is_cpu(),
+        "rascaline_e3nn: bad group keys");
+
+    // ---- keys, matched by value
+    auto keys = tensor->keys();
+    auto names = keys->names();
+    if (static_cast<int64_t>(names.size()) != n_key) return not_fast;
+    std::vector<int64_t> key_columns;
+    for (const auto& name: key_names) {
+        auto it = std::find(names.begin(), names.end(), name);
+        if (it == names.end()) return not_fast;
+        key_columns.push_back(it - names.begin());
+    }
+    auto key_values = keys->values();
+    if (!key_values.device().is_cpu() || key_values.scalar_type() != torch::kInt32) return not_fast;
+    key_values = key_values.contiguous();
+    auto n_in = key_values.size(0);
+    const int32_t* kv = key_values.data_ptr<int32_t>();
+    const int32_t* tk = template_keys.data_ptr<int32_t>();
+    std::vector<int64_t> slots(n_in, -1);
+    std::vector<bool> seen(n_blocks, false);
+    for (int64_t i = 0; i < n_in; i++) {
+        for (int64_t t = 0; t < n_blocks; t++) {
+            bool same = true;
+            for (int64_t c = 0; c < n_key && same; c++) {
+                same = kv[i * n_key + key_columns[c]] == tk[t * n_key + c];
+            }
+            if (same) { slots[i] = t; break; }
+        }
+        if (slots[i] < 0 || seen[slots[i]]) return not_fast;
+        seen[slots[i]] = true;
+    }
+    if (n_in == 0) return not_fast;
+
+    // ---- names, the same for every block of a TensorMap
+    if (tensor->sample_names() != sample_names) return not_fast;
+    if (tensor->component_names() != std::vector<std::string>{"o3_mu"}) return not_fast;
+    if (tensor->property_names() != property_names) return not_fast;
+    auto blocks = metatensor_torch::TensorMapHolder::blocks(tensor);
+    if (!blocks[0]->gradients_list().empty()) return not_fast;
+
+    // ---- blocks
+    std::vector<Tensor> values;
+    std::vector<Tensor> samples(n_groups);
+    auto dtype = blocks[0]->values().scalar_type();
+    if (dtype != torch::kFloat32 && dtype != torch::kFloat64) return not_fast;
+    for (int64_t i = 0; i < n_in; i++) {
+        auto t = slots[i];
+        const auto& block = blocks[i];
+        auto value = block->values();
+        auto l = block_l[t];
+        if (value.dim() != 3 || value.size(1) != 2 * l + 1 || !value.device().is_cpu()
+            || value.scalar_type() != dtype) {
+            return not_fast;
+        }
+        if (check) {
+            auto mu = block->components()[0]->values().contiguous();
+            if (mu.numel() != 2 * l + 1 || mu.scalar_type() != torch::kInt32 || !mu.device().is_cpu()) return not_fast;
+            const int32_t* m = mu.data_ptr<int32_t>();
+            for (int64_t k = 0; k < 2 * l + 1; k++) {
+                if (m[k] != k - l) return not_fast;
+            }
+        }
+        if (!equal_int32(block->properties()->values(), template_properties[t])) return not_fast;
+        auto sample_values = block->samples()->values();
+        auto g = block_group[t];
+        if (!samples[g].defined()) {
+            if (!sample_values.device().is_cpu() || sample_values.scalar_type() != torch::kInt32) return not_fast;
+            samples[g] = sample_values.contiguous();
+        } else if (!equal_int32(sample_values, samples[g])) {
+            return not_fast;
+        }
+        values.push_back(value);
+    }
+
+    // ---- rows: (samples, row keys) of every group, sorted lexicographically
+    std::vector<int64_t> group_rows(n_groups, 0);
+    std::vector<int64_t> group_start(n_groups + 1, 0);
+    for (int64_t g = 0; g < n_groups; g++) {
+        group_rows[g] = samples[g].defined() ? samples[g].size(0) : 0;
+        group_start[g + 1] = group_start[g] + group_rows[g];
+    }
+    auto n_rows = group_start[n_groups];
+    auto n_sample = static_cast<int64_t>(sample_names.size());
+    // one table of all rows, [n_rows, n_sample + n_row_keys]
+    auto width = n_sample + n_row_keys;
+    std::vector<int32_t> table(n_rows * width);
+    auto gk = group_keys.contiguous();
+    const int32_t* gkp = gk.data_ptr<int32_t>();
+    for (int64_t g = 0; g < n_groups; g++) {
+        if (group_rows[g] == 0) continue;
+        const int32_t* sp = samples[g].data_ptr<int32_t>();
+        for (int64_t r = 0; r < group_rows[g]; r++) {
+            int32_t* row = table.data() + (group_start[g] + r) * width;
+            std::memcpy(row, sp + r * n_sample, n_sample * sizeof(int32_t));
+            std::memcpy(row + n_sample, gkp + g * n_row_keys, n_row_keys * sizeof(int32_t));
+        }
+    }
+    std::vector<int64_t> order(n_rows);
+    std::iota(order.begin(), order.end(), 0);
+    auto less = [&](int64_t a, int64_t b) {
+        const int32_t* ra = table.data() + a * width;
+        const int32_t* rb = table.data() + b * width;
+        for (int64_t c = 0; c < width; c++) {
+            if (ra[c] != rb[c]) return ra[c] < rb[c];
+        }
+        return false;
+    };
+    std::stable_sort(order.begin(), order.end(), less);
+    if (check) {
+        for (int64_t k = 1; k < n_rows; k++) {
+            if (!less(order[k - 1], order[k])) return not_fast;  // a duplicated row
+        }
+    }
+    auto position = torch::empty({n_rows}, torch::kInt64);
+    auto* pos = position.data_ptr<int64_t>();
+    for (int64_t k = 0; k < n_rows; k++) {
+        pos[order[k]] = k;
+    }
+    auto out = to_irreps_autograd(values, slots, position, group_rows, basis, meta, columns, dim);
+    return std::make_tuple(true, out);
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rascaline_e3nn, m) {
@@ -621,6 +816,13 @@ TORCH_LIBRARY(rascaline_e3nn, m) {
         "to_irreps(Tensor[] values, int[] slots, Tensor position, int[] group_rows, "
         "Tensor? basis, int[] meta, int[] columns, int dim) -> Tensor",
         &to_irreps_autograd
+    );
+    m.def(
+        "to_irreps_map(__torch__.torch.classes.metatensor.TensorMap tensor, str[] key_names, "
+        "Tensor template_keys, str[] sample_names, str[] property_names, int[] block_l, "
+        "int[] block_group, Tensor[] template_properties, Tensor group_keys, bool check, "
+        "Tensor? basis, int[] meta, int[] columns, int dim) -> (bool, Tensor)",
+        &to_irreps_map
     );
     m.def(
         "from_irreps(Tensor x, int[] slots, Tensor position, int[] group_rows, "
