@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
-from metatensor.torch import TensorMap
+from metatensor.torch import Labels, TensorMap
 
 SOURCE = Path(__file__).parent / "csrc" / "fused.cpp"
 KERNELS = ("auto", "fused", "torch")
@@ -123,6 +123,28 @@ class FusedOps(torch.nn.Module):
     """The fused operators, as a submodule: a scripted module references them only
     when built with this one (``kernel="torch"`` gets :class:`NoFusedOps`)."""
 
+    def from_irreps_map(
+        self,
+        x: torch.Tensor,
+        samples: Labels,
+        all_samples: bool,
+        sample_names: List[str],
+        row_key_names: List[str],
+        group_keys: torch.Tensor,
+        keys: Labels,
+        components: List[Labels],
+        properties: List[Labels],
+        block_l: List[int],
+        block_group: List[int],
+        basis: Optional[torch.Tensor],
+        meta: List[int],
+        columns: List[int],
+    ) -> List[TensorMap]:
+        return torch.ops.rascaline_e3nn.from_irreps_map(
+            x, samples, all_samples, sample_names, row_key_names, group_keys, keys,
+            components, properties, block_l, block_group, basis, meta, columns,
+        )
+
     def to_irreps_map(
         self,
         tensor: TensorMap,
@@ -177,6 +199,25 @@ class FusedOps(torch.nn.Module):
 
 class NoFusedOps(torch.nn.Module):
     """Stand-in for :class:`FusedOps` in modules that never call it."""
+
+    def from_irreps_map(
+        self,
+        x: torch.Tensor,
+        samples: Labels,
+        all_samples: bool,
+        sample_names: List[str],
+        row_key_names: List[str],
+        group_keys: torch.Tensor,
+        keys: Labels,
+        components: List[Labels],
+        properties: List[Labels],
+        block_l: List[int],
+        block_group: List[int],
+        basis: Optional[torch.Tensor],
+        meta: List[int],
+        columns: List[int],
+    ) -> List[TensorMap]:
+        raise RuntimeError("this module was built without the fused kernel")
 
     def to_irreps_map(
         self,

@@ -197,6 +197,7 @@ class IrrepsToTensorMap(torch.nn.Module):
         self._fused = isinstance(self._ops, FusedOps)
         self._fused_meta, self._fused_columns = plan.fused_tables(self.layout)
         self._all_blocks = list(range(len(plan.blocks)))
+        self._group_keys_host = plan.group_keys()
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in}, basis={self.basis}, layout={self.layout}"
@@ -330,6 +331,32 @@ class IrrepsToTensorMap(torch.nn.Module):
                 + str(n_rows) + " rows of the input tensor"
             )
         device = x.device
+        if (
+            self._fused
+            and device.type == "cpu"
+            and self._n_blocks > 0
+            and not (self._check and len(self._holes) > 0)
+        ):
+            use_map = True
+            if not torch.jit.is_scripting():
+                use_map = not tracing()
+            if use_map:
+                # the common case, metadata included, in one call; anything else
+                # comes back empty and takes the path below
+                if device != self._labels_device:
+                    self._move_labels(device)
+                basis_or_none: Optional[torch.Tensor] = None
+                if self._e3nn_basis:
+                    basis_or_none = self._basis
+                done = self._ops.from_irreps_map(
+                    x, samples, self._all_samples, self._sample_names,
+                    self._row_key_names, self._group_keys_host, self._keys,
+                    self._components, self._properties, self._block_l,
+                    self._block_group, basis_or_none, self._fused_meta,
+                    self._fused_columns,
+                )
+                if len(done) == 1:
+                    return done[0]
         names = samples.names
         sample_values = samples.values.to(device)
         if self._all_samples:

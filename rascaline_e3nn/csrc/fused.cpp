@@ -809,6 +809,153 @@ std::tuple<bool, Tensor> to_irreps_map(
     return std::make_tuple(true, out);
 }
 
+
+// IrrepsToTensorMap's common case, metadata included: CPU floating point x, the
+// layout's sample and row-key dimensions present, no duplicated rows, every row in
+// a group of the layout. Anything else returns no TensorMap and the TorchScript code
+// takes its detailed path, which names the problem.
+std::vector<metatensor_torch::TensorMap> from_irreps_map(
+    const Tensor& x,
+    const metatensor_torch::Labels& samples,
+    bool all_samples,
+    const std::vector<std::string>& sample_names,
+    const std::vector<std::string>& row_key_names,
+    const Tensor& group_keys,
+    const metatensor_torch::Labels& keys,
+    const std::vector<metatensor_torch::Labels>& components,
+    const std::vector<metatensor_torch::Labels>& properties,
+    c10::IntArrayRef block_l,
+    c10::IntArrayRef block_group,
+    const c10::optional<Tensor>& basis,
+    c10::IntArrayRef meta,
+    c10::IntArrayRef columns
+) {
+    std::vector<metatensor_torch::TensorMap> none;
+    if (!x.device().is_cpu() || x.dim() != 2
+        || (x.scalar_type() != torch::kFloat32 && x.scalar_type() != torch::kFloat64)) {
+        return none;
+    }
+    TORCH_CHECK(group_keys.scalar_type() == torch::kInt32 && group_keys.device().is_cpu(),
+        "rascaline_e3nn: bad group keys");
+    auto n = x.size(0);
+    auto names = samples->names();
+    auto sample_values = samples->values();
+    if (!sample_values.device().is_cpu() || sample_values.scalar_type() != torch::kInt32
+        || sample_values.dim() != 2 || sample_values.size(0) != n) {
+        return none;
+    }
+    sample_values = sample_values.contiguous();
+    const int32_t* sv = sample_values.data_ptr<int32_t>();
+    auto width = sample_values.size(1);
+
+    auto column = [&](const std::string& name) -> int64_t {
+        auto it = std::find(names.begin(), names.end(), name);
+        return it == names.end() ? -1 : it - names.begin();
+    };
+    std::vector<int64_t> sample_columns;
+    std::vector<std::string> out_names;
+    if (all_samples) {
+        for (int64_t c = 0; c < width; c++) sample_columns.push_back(c);
+        out_names = names;
+    } else {
+        for (const auto& name: sample_names) {
+            auto c = column(name);
+            if (c < 0) return none;
+            sample_columns.push_back(c);
+        }
+        out_names = sample_names;
+    }
+    std::vector<int64_t> row_columns;
+    for (const auto& name: row_key_names) {
+        auto c = column(name);
+        if (c < 0) return none;
+        row_columns.push_back(c);
+    }
+    auto used = sample_columns;
+    for (auto c: row_columns) {
+        if (std::find(used.begin(), used.end(), c) == used.end()) used.push_back(c);
+    }
+
+    // no duplicated rows (on the sample and row-key dimensions)
+    if (n > 1) {
+        std::vector<int64_t> sorted(n);
+        std::iota(sorted.begin(), sorted.end(), 0);
+        auto less = [&](int64_t a, int64_t b) {
+            for (auto c: used) {
+                auto va = sv[a * width + c];
+                auto vb = sv[b * width + c];
+                if (va != vb) return va < vb;
+            }
+            return false;
+        };
+        std::sort(sorted.begin(), sorted.end(), less);
+        for (int64_t k = 1; k < n; k++) {
+            if (!less(sorted[k - 1], sorted[k])) return none;
+        }
+    }
+
+    // the group of every row, and the rows of each group in their order
+    auto n_groups = group_keys.size(0);
+    auto n_row_keys = static_cast<int64_t>(row_columns.size());
+    auto gk = group_keys.contiguous();
+    const int32_t* gkp = gk.data_ptr<int32_t>();
+    std::vector<int64_t> group(n, 0);
+    std::vector<int64_t> counts(n_groups, 0);
+    for (int64_t r = 0; r < n; r++) {
+        int64_t found = -1;
+        if (n_groups == 1 && n_row_keys == 0) {
+            found = 0;
+        } else {
+            for (int64_t g = 0; g < n_groups && found < 0; g++) {
+                bool same = true;
+                for (int64_t c = 0; c < n_row_keys && same; c++) {
+                    same = sv[r * width + row_columns[c]] == gkp[g * n_row_keys + c];
+                }
+                if (same) found = g;
+            }
+        }
+        if (found < 0) return none;
+        group[r] = found;
+        counts[found] += 1;
+    }
+    std::vector<int64_t> start(n_groups + 1, 0);
+    for (int64_t g = 0; g < n_groups; g++) start[g + 1] = start[g] + counts[g];
+    auto position = torch::empty({n}, torch::kInt64);
+    auto* pos = position.data_ptr<int64_t>();
+    {
+        auto next = start;
+        for (int64_t r = 0; r < n; r++) pos[next[group[r]]++] = r;
+    }
+
+    // sample labels of every group (unique: checked above)
+    auto n_sample = static_cast<int64_t>(sample_columns.size());
+    std::vector<metatensor_torch::Labels> group_labels;
+    for (int64_t g = 0; g < n_groups; g++) {
+        auto values = torch::empty({counts[g], n_sample}, torch::kInt32);
+        auto* v = values.data_ptr<int32_t>();
+        for (int64_t k = 0; k < counts[g]; k++) {
+            auto r = pos[start[g] + k];
+            for (int64_t c = 0; c < n_sample; c++) v[k * n_sample + c] = sv[r * width + sample_columns[c]];
+        }
+        group_labels.push_back(torch::make_intrusive<metatensor_torch::LabelsHolder>(
+            torch::IValue(out_names), values, metatensor::assume_unique{}
+        ));
+    }
+
+    auto n_blocks = static_cast<int64_t>(block_l.size());
+    std::vector<int64_t> slots(n_blocks);
+    std::iota(slots.begin(), slots.end(), 0);
+    auto values = from_irreps_autograd(x, slots, position, counts, basis, meta, columns);
+    std::vector<metatensor_torch::TensorBlock> blocks;
+    for (int64_t t = 0; t < n_blocks; t++) {
+        blocks.push_back(torch::make_intrusive<metatensor_torch::TensorBlockHolder>(
+            values[t], group_labels[block_group[t]],
+            std::vector<metatensor_torch::Labels>{components[block_l[t]]}, properties[t]
+        ));
+    }
+    return {torch::make_intrusive<metatensor_torch::TensorMapHolder>(keys, std::move(blocks))};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(rascaline_e3nn, m) {
@@ -823,6 +970,16 @@ TORCH_LIBRARY(rascaline_e3nn, m) {
         "int[] block_group, Tensor[] template_properties, Tensor group_keys, bool check, "
         "Tensor? basis, int[] meta, int[] columns, int dim) -> (bool, Tensor)",
         &to_irreps_map
+    );
+    m.def(
+        "from_irreps_map(Tensor x, __torch__.torch.classes.metatensor.Labels samples, "
+        "bool all_samples, str[] sample_names, str[] row_key_names, Tensor group_keys, "
+        "__torch__.torch.classes.metatensor.Labels keys, "
+        "__torch__.torch.classes.metatensor.Labels[] components, "
+        "__torch__.torch.classes.metatensor.Labels[] properties, int[] block_l, "
+        "int[] block_group, Tensor? basis, int[] meta, int[] columns) "
+        "-> __torch__.torch.classes.metatensor.TensorMap[]",
+        &from_irreps_map
     );
     m.def(
         "from_irreps(Tensor x, int[] slots, Tensor position, int[] group_rows, "
