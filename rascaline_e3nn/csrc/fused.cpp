@@ -179,103 +179,133 @@ int64_t max_l_of(const Plan& plan) {
 
 // one block row [2l+1, P] (featomic basis) into its columns of a row
 // PF > 0: the number of properties, known at compile time (the short inner loops
-// then unroll into a few vector moves); PF = 0: read from the block
+// then unroll into a few vector moves); PF = 0: read from the block.
+// Rows [0, n) of a block (`src`, contiguous [n, 2l+1, P], featomic basis) into their
+// columns of `n` staging rows of `dim` values.
 template <typename T, int PF>
-inline void put_row(const Block& b, const T* __restrict__ src, const Sparse<T>* D, T* tmp, T* row) {
+void put_rows(const Block& b, const T* __restrict__ src, int64_t n, const Sparse<T>* D,
+              T* __restrict__ tmp, T* __restrict__ staging, int64_t dim) {
     const int64_t K = 2 * b.l + 1;
     const int64_t P = PF > 0 ? PF : b.n_props;
-    if (D != nullptr && b.run == IR_MUL) {
-        // x_e3nn[a] = sum_b D[a, b] x[b], straight into the row
-        for (int64_t a = 0; a < K; a++) {
-            T* __restrict__ dst = row + b.first + a * b.step;
-            for (int64_t p = 0; p < P; p++) dst[p] = 0;
-            for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                const T* __restrict__ s = src + D->idx[e] * P;
-                T d = D->val[e];
-                for (int64_t p = 0; p < P; p++) dst[p] += d * s[p];
+    const int64_t first = b.first;
+    const int64_t step = b.step;
+    const Run run = b.run;
+    const int64_t* cols = b.columns;
+    for (int64_t r = 0; r < n; r++, src += K * P, staging += dim) {
+        T* __restrict__ row = staging;
+        const T* __restrict__ from = src;
+        if (D != nullptr && run == IR_MUL) {
+            // x_e3nn[a] = sum_b D[a, b] x[b], straight into the row
+            for (int64_t a = 0; a < K; a++) {
+                T acc[PF > 0 ? PF : 1];
+                T* __restrict__ dst = row + first + a * step;
+                if (PF > 0) {
+                    for (int64_t p = 0; p < P; p++) acc[p] = 0;
+                    for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
+                        const T* __restrict__ s = from + D->idx[e] * P;
+                        T d = D->val[e];
+                        for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
+                    }
+                    for (int64_t p = 0; p < P; p++) dst[p] = acc[p];
+                } else {
+                    for (int64_t p = 0; p < P; p++) dst[p] = 0;
+                    for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
+                        const T* __restrict__ s = from + D->idx[e] * P;
+                        T d = D->val[e];
+                        for (int64_t p = 0; p < P; p++) dst[p] += d * s[p];
+                    }
+                }
             }
+            continue;
         }
-        return;
-    }
-    if (D != nullptr) {
-        T* __restrict__ acc = tmp;
-        for (int64_t a = 0; a < K; a++) {
-            for (int64_t p = 0; p < P; p++) acc[a * P + p] = 0;
-            for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                const T* __restrict__ s = src + D->idx[e] * P;
-                T d = D->val[e];
-                for (int64_t p = 0; p < P; p++) acc[a * P + p] += d * s[p];
+        if (D != nullptr) {
+            for (int64_t a = 0; a < K; a++) {
+                T* __restrict__ acc = tmp + a * P;
+                for (int64_t p = 0; p < P; p++) acc[p] = 0;
+                for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
+                    const T* __restrict__ s = from + D->idx[e] * P;
+                    T d = D->val[e];
+                    for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
+                }
             }
+            from = tmp;
         }
-        src = tmp;
-    }
-    if (b.run == MUL_IR) {
-        T* __restrict__ dst = row + b.first;
-        for (int64_t p = 0; p < P; p++) {
-            for (int64_t m = 0; m < K; m++) dst[p * K + m] = src[m * P + p];
-        }
-    } else if (b.run == IR_MUL) {
-        // short runs: a loop, not a call to memcpy
-        for (int64_t m = 0; m < K; m++) {
-            T* __restrict__ dst = row + b.first + m * b.step;
-            const T* __restrict__ s = src + m * P;
-            for (int64_t p = 0; p < P; p++) dst[p] = s[p];
-        }
-    } else {
-        for (int64_t p = 0; p < P; p++) {
-            T* dst = row + b.columns[2 * p];
-            auto step = b.columns[2 * p + 1];
-            for (int64_t m = 0; m < K; m++) dst[m * step] = src[m * P + p];
+        if (run == MUL_IR) {
+            T* __restrict__ dst = row + first;
+            for (int64_t p = 0; p < P; p++) {
+                for (int64_t m = 0; m < K; m++) dst[p * K + m] = from[m * P + p];
+            }
+        } else if (run == IR_MUL) {
+            for (int64_t m = 0; m < K; m++) {
+                T* __restrict__ dst = row + first + m * step;
+                const T* __restrict__ s = from + m * P;
+                for (int64_t p = 0; p < P; p++) dst[p] = s[p];
+            }
+        } else {
+            for (int64_t p = 0; p < P; p++) {
+                T* dst = row + cols[2 * p];
+                auto c_step = cols[2 * p + 1];
+                for (int64_t m = 0; m < K; m++) dst[m * c_step] = from[m * P + p];
+            }
         }
     }
 }
 
-// the columns of one block in a row into a block row [2l+1, P] (featomic basis);
-// D lists the transpose: x_featomic[a] = sum_b D[b, a] x_e3nn[b]
+// the columns of a block in `n` staging rows of `dim` values into its rows [0, n)
+// (`dst`, contiguous [n, 2l+1, P], featomic basis); D lists the transpose:
+// x_featomic[a] = sum_b D[b, a] x_e3nn[b]
 template <typename T, int PF>
-inline void get_row(const Block& b, const T* row, const Sparse<T>* D, T* tmp, T* __restrict__ dst) {
+void get_rows(const Block& b, const T* __restrict__ staging, int64_t n, int64_t dim,
+              const Sparse<T>* D, T* __restrict__ tmp, T* __restrict__ dst) {
     const int64_t K = 2 * b.l + 1;
     const int64_t P = PF > 0 ? PF : b.n_props;
-    if (D != nullptr && b.run == IR_MUL) {
-        for (int64_t a = 0; a < K; a++) {
-            T* __restrict__ acc = dst + a * P;
-            for (int64_t p = 0; p < P; p++) acc[p] = 0;
-            for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                const T* __restrict__ s = row + b.first + D->idx[e] * b.step;
-                T d = D->val[e];
-                for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
+    const int64_t first = b.first;
+    const int64_t step = b.step;
+    const Run run = b.run;
+    const int64_t* cols = b.columns;
+    for (int64_t r = 0; r < n; r++, staging += dim, dst += K * P) {
+        const T* __restrict__ row = staging;
+        if (D != nullptr && run == IR_MUL) {
+            for (int64_t a = 0; a < K; a++) {
+                T* __restrict__ acc = dst + a * P;
+                for (int64_t p = 0; p < P; p++) acc[p] = 0;
+                for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
+                    const T* __restrict__ s = row + first + D->idx[e] * step;
+                    T d = D->val[e];
+                    for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
+                }
+            }
+            continue;
+        }
+        T* __restrict__ into = D != nullptr ? tmp : dst;
+        if (run == MUL_IR) {
+            const T* __restrict__ s = row + first;
+            for (int64_t m = 0; m < K; m++) {
+                T* __restrict__ d = into + m * P;
+                for (int64_t p = 0; p < P; p++) d[p] = s[p * K + m];
+            }
+        } else if (run == IR_MUL) {
+            for (int64_t m = 0; m < K; m++) {
+                T* __restrict__ d = into + m * P;
+                const T* __restrict__ s = row + first + m * step;
+                for (int64_t p = 0; p < P; p++) d[p] = s[p];
+            }
+        } else {
+            for (int64_t p = 0; p < P; p++) {
+                const T* s = row + cols[2 * p];
+                auto c_step = cols[2 * p + 1];
+                for (int64_t m = 0; m < K; m++) into[m * P + p] = s[m * c_step];
             }
         }
-        return;
-    }
-    T* __restrict__ into = D != nullptr ? tmp : dst;
-    if (b.run == MUL_IR) {
-        const T* __restrict__ s = row + b.first;
-        for (int64_t m = 0; m < K; m++) {
-            T* __restrict__ d = into + m * P;
-            for (int64_t p = 0; p < P; p++) d[p] = s[p * K + m];
-        }
-    } else if (b.run == IR_MUL) {
-        for (int64_t m = 0; m < K; m++) {
-            T* __restrict__ d = into + m * P;
-            const T* __restrict__ s = row + b.first + m * b.step;
-            for (int64_t p = 0; p < P; p++) d[p] = s[p];
-        }
-    } else {
-        for (int64_t p = 0; p < P; p++) {
-            const T* s = row + b.columns[2 * p];
-            auto step = b.columns[2 * p + 1];
-            for (int64_t m = 0; m < K; m++) into[m * P + p] = s[m * step];
-        }
-    }
-    if (D != nullptr) {
-        for (int64_t a = 0; a < K; a++) {
-            T* __restrict__ acc = dst + a * P;
-            for (int64_t p = 0; p < P; p++) acc[p] = 0;
-            for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                const T* __restrict__ s = tmp + D->idx[e] * P;
-                T d = D->val[e];
-                for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
+        if (D != nullptr) {
+            for (int64_t a = 0; a < K; a++) {
+                T* __restrict__ acc = dst + a * P;
+                for (int64_t p = 0; p < P; p++) acc[p] = 0;
+                for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
+                    const T* __restrict__ s = tmp + D->idx[e] * P;
+                    T d = D->val[e];
+                    for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
+                }
             }
         }
     }
@@ -386,9 +416,7 @@ void scatter_kernel(
                     auto size = (2 * b.l + 1) * b.n_props;
                     auto D = basis_of(basis, b);
 #define RASCALINE_E3NN_PUT(PF) \
-                    for (int64_t i = c0; i < c1; i++) { \
-                        put_row<T, PF>(b, sources[j] + i * size, D, tmp.data(), staging.data() + (i - c0) * dim); \
-                    }
+                    put_rows<T, PF>(b, sources[j] + c0 * size, c1 - c0, D, tmp.data(), staging.data(), dim);
                     RASCALINE_E3NN_BY_PROPERTIES(b.n_props, RASCALINE_E3NN_PUT)
 #undef RASCALINE_E3NN_PUT
                 }
@@ -437,9 +465,7 @@ void gather_kernel(
                     auto size = (2 * b.l + 1) * b.n_props;
                     auto D = basis_of(basis, b);
 #define RASCALINE_E3NN_GET(PF) \
-                    for (int64_t i = c0; i < c1; i++) { \
-                        get_row<T, PF>(b, staging.data() + (i - c0) * dim, D, tmp.data(), targets[j] + i * size); \
-                    }
+                    get_rows<T, PF>(b, staging.data(), c1 - c0, dim, D, tmp.data(), targets[j] + c0 * size);
                     RASCALINE_E3NN_BY_PROPERTIES(b.n_props, RASCALINE_E3NN_GET)
 #undef RASCALINE_E3NN_GET
                 }
