@@ -760,8 +760,9 @@ def sweep(args) -> None:
     cases += [(16, 125, l) for l in (2, 4, 8)]
     records = []
     print(f"\n| {'case':<28} | {'MB':>7} | {'clone':>9} | {'chain':>9} | {'eager':>9} | "
-          f"{'script':>9} | {'script e3nn':>11} | {'chain/script':>12} |")
-    print("|" + "|".join("-" * w for w in (30, 9, 11, 11, 11, 11, 13, 14)) + "|")
+          f"{'script':>9} | {'script e3nn':>11} | {'fused':>9} | {'fused e3nn':>10} | "
+          f"{'chain/script':>12} | {'chain/fused':>11} |")
+    print("|" + "|".join("-" * w for w in (30, 9, 11, 11, 11, 11, 13, 11, 12, 14, 13)) + "|")
     for systems, atoms, lmax in cases:
         tensor = featomic_like(systems, atoms, lmax, args.radial)
         size = nbytes(tensor)
@@ -770,7 +771,11 @@ def sweep(args) -> None:
         eager = TensorMapToIrreps(tensor, basis="featomic", layout="mul_ir")
         scripted = script(eager)
         scripted_e3nn = script(TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir"))
+        fused = script(TensorMapToIrreps(tensor, basis="featomic", layout="mul_ir", kernel="fused"))
+        fused_e3nn = script(TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir", kernel="fused"))
         variants = {
+            "script fused": lambda: fused(tensor),
+            "script fused e3nn": lambda: fused_e3nn(tensor),
             "clone": lambda: buffer.clone(),
             "chain": lambda: chain_to_irreps(tensor, "mul_ir", None),
             "chain e3nn": lambda: chain_to_irreps(tensor, "mul_ir", D),
@@ -784,7 +789,8 @@ def sweep(args) -> None:
             f"| {case:<28} | {size / 1e6:>7.3f} | {fmt_time(r['clone']):>9} | "
             f"{fmt_time(r['chain']):>9} | {fmt_time(r['eager']):>9} | "
             f"{fmt_time(r['script']):>9} | {fmt_time(r['script e3nn']):>11} | "
-            f"{r['chain'] / r['script']:>11.2f}x |",
+            f"{fmt_time(r['script fused']):>9} | {fmt_time(r['script fused e3nn']):>10} | "
+            f"{r['chain'] / r['script']:>11.2f}x | {r['chain'] / r['script fused']:>10.2f}x |",
             flush=True,
         )
         records.append(
@@ -794,7 +800,8 @@ def sweep(args) -> None:
     floor = records[0]["seconds"]
     print(
         f"\nper-call floor (1 system x 8 atoms, lmax 6): adapter script "
-        f"{fmt_time(floor['script'])}, eager {fmt_time(floor['eager'])}, chain "
+        f"{fmt_time(floor['script'])}, script fused {fmt_time(floor['script fused'])}, "
+        f"eager {fmt_time(floor['eager'])}, chain "
         f"{fmt_time(floor['chain'])}, clone {fmt_time(floor['clone'])}"
     )
     path = os.path.join(HERE, "sweep.json")

@@ -24,6 +24,9 @@ SERIES = [
     ("eager", "TensorMapToIrreps eager (featomic)", dict(color="tab:blue", marker="^")),
     ("script", "TensorMapToIrreps script (featomic)", dict(color="tab:green", marker="v")),
     ("script e3nn", "TensorMapToIrreps script (e3nn)", dict(color="tab:green", marker="v", ls=":")),
+    ("script fused", "TensorMapToIrreps script, kernel=fused", dict(color="tab:purple", marker="D")),
+    ("script fused e3nn", "TensorMapToIrreps script, kernel=fused (e3nn)",
+     dict(color="tab:purple", marker="d", ls=":")),
 ]
 
 
