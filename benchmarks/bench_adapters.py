@@ -560,13 +560,14 @@ def print_memory(args) -> None:
         f"\ninput block values: {size / 1e6:.2f} MB. 'peak' = peak bytes allocated through"
         f"\ntorch's CPU allocator during the call above the level at entry (profiler"
         f"\nprofile_memory events), 'output' = still allocated after the call, 'extra' ="
-        f"\npeak - output (transient intermediates). Rust-side metatensor Labels are not seen."
+        f"\npeak - output (transient intermediates). Rust-side metatensor Labels and the"
+        f"\nfused kernel's per-thread staging rows (malloc, 16 rows each) are not seen."
         f"\n'faults' = minor page faults per call in a loop of calls (fresh 4 KiB pages the"
         f"\nkernel had to map: glibc gave the memory back to the OS between calls).\n"
     )
-    print(f"| {'variant':<38} | {'peak MB':>8} | {'output MB':>9} | {'extra MB':>8} | "
+    print(f"| {'variant':<42} | {'peak MB':>8} | {'output MB':>9} | {'extra MB':>8} | "
           f"{'extra / input':>13} | {'faults':>7} |")
-    print(f"|{'-' * 40}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 15}|{'-' * 9}|")
+    print(f"|{'-' * 44}|{'-' * 10}|{'-' * 11}|{'-' * 10}|{'-' * 15}|{'-' * 9}|")
     rows = [("clone", lambda: buffer.clone())]
     for basis in ("featomic", "e3nn"):
         d = D if basis == "e3nn" else None
@@ -577,6 +578,10 @@ def print_memory(args) -> None:
             inv = m.inverse()
             inv_s = script(inv)
             ci = ChainInverse(tensor, layout, d)
+            fused = script(TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="fused"))
+            fused_inv = script(
+                TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="fused").inverse()
+            )
             rows += [
                 (f"chain to_irreps {basis} {layout}",
                  lambda l=layout, d=d: chain_to_irreps(tensor, l, d)),
@@ -586,12 +591,15 @@ def print_memory(args) -> None:
                 (f"to_tensor_map {basis} {layout} eager", lambda m=inv, x=x, sa=samples: m(x, sa)),
                 (f"to_tensor_map {basis} {layout} script",
                  lambda m=inv_s, x=x, sa=samples: m(x, sa)),
+                (f"to_irreps {basis} {layout} script-fused", lambda s=fused: s(tensor)),
+                (f"to_tensor_map {basis} {layout} script-fused",
+                 lambda m=fused_inv, x=x, sa=samples: m(x, sa)),
             ]
     for name, f in rows:
         peak, kept = peak_memory(f)
         faults = page_faults(f)
         print(
-            f"| {name:<38} | {peak / 1e6:>8.2f} | {kept / 1e6:>9.2f} | "
+            f"| {name:<42} | {peak / 1e6:>8.2f} | {kept / 1e6:>9.2f} | "
             f"{(peak - kept) / 1e6:>8.2f} | {(peak - kept) / size:>13.2f} | {faults:>7.0f} |"
         )
 

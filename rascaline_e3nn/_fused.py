@@ -1,8 +1,9 @@
 """The fused CPU kernel: one pass over the data, compiled on first import.
 
-``rascaline_e3nn/csrc/fused.cpp`` registers two TorchScript operators,
-``torch.ops.rascaline_e3nn.to_irreps`` and ``torch.ops.rascaline_e3nn.from_irreps``,
-each the other's backward (the change of basis is orthogonal). It is compiled with
+``rascaline_e3nn/csrc/fused.cpp`` registers TorchScript operators:
+``to_irreps_map`` / ``from_irreps_map`` read the input TensorMap (or build the output
+one) through metatensor-torch's C++ API, and ``to_irreps`` / ``from_irreps`` move the
+values, each the other's backward (the change of basis is orthogonal). It is compiled with
 ``torch.utils.cpp_extension`` against the installed torch the first time a module
 asks for it (``kernel="fused"`` or ``"auto"``) or :func:`library_path` is called
 (about 25 s), then cached under ``$RASCALINE_E3NN_CACHE`` (default
@@ -64,7 +65,6 @@ def load() -> Optional[str]:
         _error = "disabled by RASCALINE_E3NN_KERNEL=torch"
         return None
     try:
-        import metatensor.torch  # noqa: F401  (registers the TensorMap class first)
         from torch.utils import cpp_extension
 
         includes, ldflags, version = _metatensor_paths()

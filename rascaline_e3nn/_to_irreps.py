@@ -80,9 +80,10 @@ class TensorMapToIrreps(torch.nn.Module):
     kernel : {"torch", "fused", "auto"}
         How values move on the CPU. ``"torch"`` (default): PyTorch operators only,
         so that a scripted module loads wherever metatensor-torch does.
-        ``"fused"``: one compiled pass over the data, 1.15-1.7x faster forward,
-        1.14-1.66x faster forward+backward and no intermediates on the reference
-        case (benchmarks/README.md); the kernel is compiled on first use (~25 s,
+        ``"fused"``: metadata checks and one pass over the data in compiled code,
+        1.4-2.8x faster forward, 1.3-3.2x faster forward+backward, no
+        intermediates and a 7x lower per-call floor on the benchmarks'
+        reference case (benchmarks/README.md); the kernel is compiled on first use (~25 s,
         cached), and a scripted module using it needs
         ``torch.ops.load_library(rascaline_e3nn.library_path())`` in the process
         that loads it. ``"auto"``: fused when the kernel can be built, else torch.
