@@ -123,6 +123,25 @@ class FusedOps(torch.nn.Module):
     """The fused operators, as a submodule: a scripted module references them only
     when built with this one (``kernel="torch"`` gets :class:`NoFusedOps`)."""
 
+    def samples_map(
+        self,
+        tensor: TensorMap,
+        key_names: List[str],
+        template_keys: torch.Tensor,
+        sample_names: List[str],
+        row_key_names: List[str],
+        property_names: List[str],
+        block_l: List[int],
+        block_group: List[int],
+        template_properties: List[torch.Tensor],
+        group_keys: torch.Tensor,
+        check: bool,
+    ) -> List[Labels]:
+        return torch.ops.rascaline_e3nn.samples_map(
+            tensor, key_names, template_keys, sample_names, row_key_names, property_names,
+            block_l, block_group, template_properties, group_keys, check,
+        )
+
     def from_irreps_map(
         self,
         x: torch.Tensor,
@@ -199,6 +218,22 @@ class FusedOps(torch.nn.Module):
 
 class NoFusedOps(torch.nn.Module):
     """Stand-in for :class:`FusedOps` in modules that never call it."""
+
+    def samples_map(
+        self,
+        tensor: TensorMap,
+        key_names: List[str],
+        template_keys: torch.Tensor,
+        sample_names: List[str],
+        row_key_names: List[str],
+        property_names: List[str],
+        block_l: List[int],
+        block_group: List[int],
+        template_properties: List[torch.Tensor],
+        group_keys: torch.Tensor,
+        check: bool,
+    ) -> List[Labels]:
+        raise RuntimeError("this module was built without the fused kernel")
 
     def from_irreps_map(
         self,

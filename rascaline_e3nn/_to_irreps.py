@@ -568,6 +568,18 @@ class TensorMapToIrreps(torch.nn.Module):
     def samples(self, tensor: TensorMap) -> Labels:
         """Metadata of the rows of ``forward(tensor)``: the block sample dimensions,
         then the key dimensions moved to rows."""
+        fused = self._fused and self._n_blocks > 0
+        if not torch.jit.is_scripting():
+            fused = fused and not tracing()
+        if fused:
+            found = self._ops.samples_map(
+                tensor, self._key_names, self._keys_host, self._sample_names,
+                self._row_key_names, self._block_prop_names[0], self._block_l,
+                self._block_group, self._properties_of_block, self._group_keys_host,
+                self._check,
+            )
+            if len(found) == 1:
+                return found[0]
         _, group_samples = self._collect(tensor)
         rows, _ = self._rows(group_samples)
         return labels(self._sample_names + self._row_key_names, rows)

@@ -137,3 +137,14 @@ def test_unknown_kernel_is_refused(tensor):
         TensorMapToIrreps(tensor, kernel="cuda")
     with pytest.raises(ValueError, match="kernel must be one of"):
         IrrepsToTensorMap("1x0e", kernel="fast")
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+def test_samples_fused_equals_torch(tensor, scripted):
+    modules = [TensorMapToIrreps(tensor, kernel=k) for k in ("torch", "fused")]
+    if scripted:
+        modules = [torch.jit.script(m) for m in modules]
+    expected, actual = (m.samples(tensor) for m in modules)
+    assert actual.names == expected.names
+    assert torch.equal(actual.values, expected.values)
+    assert actual.values.dtype == torch.int32

@@ -689,7 +689,19 @@ bool equal_int32(const Tensor& a, const Tensor& b) {
     return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.numel() * ac.element_size()) == 0;
 }
 
-std::tuple<bool, Tensor> to_irreps_map(
+struct Collected {
+    bool ok = false;
+    std::vector<Tensor> values;     // present blocks, in input order
+    std::vector<int64_t> slots;     // their planned block
+    std::vector<int64_t> group_rows;
+    Tensor position;                // output row of every group row (int64)
+    std::vector<int32_t> table;     // every group row: samples, then row keys
+    std::vector<int64_t> order;     // group rows in output order
+    int64_t width = 0;              // columns of `table`
+    bool unique = true;             // no two rows alike
+};
+
+Collected collect_map(
     const metatensor_torch::TensorMap& tensor,
     const std::vector<std::string>& key_names,
     const Tensor& template_keys,
@@ -699,13 +711,9 @@ std::tuple<bool, Tensor> to_irreps_map(
     c10::IntArrayRef block_group,
     const std::vector<Tensor>& template_properties,
     const Tensor& group_keys,
-    bool check,
-    const c10::optional<Tensor>& basis,
-    c10::IntArrayRef meta,
-    c10::IntArrayRef columns,
-    int64_t dim
+    bool check
 ) {
-    auto not_fast = std::make_tuple(false, torch::empty({0}));
+    Collected not_fast;
     auto n_blocks = template_keys.size(0);
     auto n_key = static_cast<int64_t>(key_names.size());
     auto n_groups = group_keys.size(0);
@@ -821,18 +829,85 @@ std::tuple<bool, Tensor> to_irreps_map(
         return false;
     };
     std::stable_sort(order.begin(), order.end(), less);
-    if (check) {
-        for (int64_t k = 1; k < n_rows; k++) {
-            if (!less(order[k - 1], order[k])) return not_fast;  // a duplicated row
-        }
+    bool unique = true;
+    for (int64_t k = 1; k < n_rows && unique; k++) {
+        unique = less(order[k - 1], order[k]);
     }
+    if (check && !unique) return not_fast;  // a duplicated row: named by the detailed path
     auto position = torch::empty({n_rows}, torch::kInt64);
     auto* pos = position.data_ptr<int64_t>();
     for (int64_t k = 0; k < n_rows; k++) {
         pos[order[k]] = k;
     }
-    auto out = to_irreps_autograd(values, slots, position, group_rows, basis, meta, columns, dim);
+    Collected result;
+    result.ok = true;
+    result.values = std::move(values);
+    result.slots = std::move(slots);
+    result.group_rows = std::move(group_rows);
+    result.position = position;
+    result.table = std::move(table);
+    result.order = std::move(order);
+    result.width = width;
+    result.unique = unique;
+    return result;
+}
+
+std::tuple<bool, Tensor> to_irreps_map(
+    const metatensor_torch::TensorMap& tensor,
+    const std::vector<std::string>& key_names,
+    const Tensor& template_keys,
+    const std::vector<std::string>& sample_names,
+    const std::vector<std::string>& property_names,
+    c10::IntArrayRef block_l,
+    c10::IntArrayRef block_group,
+    const std::vector<Tensor>& template_properties,
+    const Tensor& group_keys,
+    bool check,
+    const c10::optional<Tensor>& basis,
+    c10::IntArrayRef meta,
+    c10::IntArrayRef columns,
+    int64_t dim
+) {
+    auto c = collect_map(tensor, key_names, template_keys, sample_names, property_names,
+                         block_l, block_group, template_properties, group_keys, check);
+    if (!c.ok) {
+        return std::make_tuple(false, torch::empty({0}));
+    }
+    auto out = to_irreps_autograd(c.values, c.slots, c.position, c.group_rows, basis, meta, columns, dim);
     return std::make_tuple(true, out);
+}
+
+// The rows of TensorMapToIrreps' output (samples, then the row keys), for the same
+// common case; no Labels when the rows are not unique or the case is not common.
+std::vector<metatensor_torch::Labels> samples_map(
+    const metatensor_torch::TensorMap& tensor,
+    const std::vector<std::string>& key_names,
+    const Tensor& template_keys,
+    const std::vector<std::string>& sample_names,
+    const std::vector<std::string>& row_key_names,
+    const std::vector<std::string>& property_names,
+    c10::IntArrayRef block_l,
+    c10::IntArrayRef block_group,
+    const std::vector<Tensor>& template_properties,
+    const Tensor& group_keys,
+    bool check
+) {
+    auto c = collect_map(tensor, key_names, template_keys, sample_names, property_names,
+                         block_l, block_group, template_properties, group_keys, check);
+    if (!c.ok || !c.unique) {
+        return {};
+    }
+    auto n_rows = static_cast<int64_t>(c.order.size());
+    auto values = torch::empty({n_rows, c.width}, torch::kInt32);
+    auto* v = values.data_ptr<int32_t>();
+    for (int64_t k = 0; k < n_rows; k++) {
+        std::memcpy(v + k * c.width, c.table.data() + c.order[k] * c.width, c.width * sizeof(int32_t));
+    }
+    auto names = sample_names;
+    names.insert(names.end(), row_key_names.begin(), row_key_names.end());
+    return {torch::make_intrusive<metatensor_torch::LabelsHolder>(
+        torch::IValue(names), values, metatensor::assume_unique{}
+    )};
 }
 
 
@@ -996,6 +1071,13 @@ TORCH_LIBRARY(rascaline_e3nn, m) {
         "int[] block_group, Tensor[] template_properties, Tensor group_keys, bool check, "
         "Tensor? basis, int[] meta, int[] columns, int dim) -> (bool, Tensor)",
         &to_irreps_map
+    );
+    m.def(
+        "samples_map(__torch__.torch.classes.metatensor.TensorMap tensor, str[] key_names, "
+        "Tensor template_keys, str[] sample_names, str[] row_key_names, str[] property_names, "
+        "int[] block_l, int[] block_group, Tensor[] template_properties, Tensor group_keys, "
+        "bool check) -> __torch__.torch.classes.metatensor.Labels[]",
+        &samples_map
     );
     m.def(
         "from_irreps_map(Tensor x, __torch__.torch.classes.metatensor.Labels samples, "
