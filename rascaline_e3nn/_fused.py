@@ -15,6 +15,7 @@ PyTorch operators and ``kernel="fused"`` raises.
 
 import hashlib
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -66,6 +67,13 @@ def load() -> Optional[str]:
         return None
     try:
         from torch.utils import cpp_extension
+
+        if shutil.which("ninja") is None:
+            # the ninja wheel (a dependency) may sit outside PATH, e.g. in a venv
+            # whose bin/ is not activated
+            import ninja
+
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         includes, ldflags, version = _metatensor_paths()
         directory = _build_directory(version)

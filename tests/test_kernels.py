@@ -5,6 +5,11 @@ these tests pin the fused kernel to it on the same inputs, value for value and
 gradient for gradient, so that both stay proved.
 """
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 from metatensor.torch import TensorBlock, TensorMap
@@ -148,3 +153,29 @@ def test_samples_fused_equals_torch(tensor, scripted):
     assert actual.names == expected.names
     assert torch.equal(actual.values, expected.values)
     assert actual.values.dtype == torch.int32
+
+
+def test_auto_falls_back_when_the_kernel_is_unavailable():
+    """RASCALINE_E3NN_KERNEL=torch stands for a machine where the build fails:
+    "auto" falls back to PyTorch operators, "fused" says why it cannot."""
+    script = textwrap.dedent(
+        """
+        import pytest, torch
+        from metatensor.torch import Labels, TensorBlock, TensorMap
+        from rascaline_e3nn import TensorMapToIrreps
+        block = TensorBlock(
+            values=torch.ones(1, 1, 1, dtype=torch.float64),
+            samples=Labels(["system", "atom"], torch.tensor([[0, 0]])),
+            components=[Labels(["o3_mu"], torch.tensor([[0]]))],
+            properties=Labels(["n"], torch.tensor([[0]])),
+        )
+        tensor = TensorMap(Labels(["o3_lambda", "o3_sigma"], torch.tensor([[0, 1]])), [block])
+        auto = TensorMapToIrreps(tensor, kernel="auto")
+        assert not auto._fused
+        assert torch.equal(auto(tensor), torch.ones(1, 1, dtype=torch.float64))
+        with pytest.raises(RuntimeError, match="RASCALINE_E3NN_KERNEL=torch"):
+            TensorMapToIrreps(tensor, kernel="fused")
+        """
+    )
+    env = dict(os.environ, RASCALINE_E3NN_KERNEL="torch")
+    subprocess.run([sys.executable, "-c", script], check=True, env=env)
