@@ -166,10 +166,12 @@ class FusedOps(torch.nn.Module):
         basis: Optional[torch.Tensor],
         meta: List[int],
         columns: List[int],
+        check_holes: bool,
     ) -> List[TensorMap]:
         return torch.ops.rascaline_e3nn.from_irreps_map(
             x, samples, all_samples, sample_names, row_key_names, group_keys, keys,
             components, properties, block_l, block_group, basis, meta, columns,
+            check_holes,
         )
 
     def to_irreps_map(
@@ -259,6 +261,7 @@ class NoFusedOps(torch.nn.Module):
         basis: Optional[torch.Tensor],
         meta: List[int],
         columns: List[int],
+        check_holes: bool,
     ) -> List[TensorMap]:
         raise RuntimeError("this module was built without the fused kernel")
 

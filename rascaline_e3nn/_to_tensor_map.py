@@ -331,12 +331,7 @@ class IrrepsToTensorMap(torch.nn.Module):
                 + str(n_rows) + " rows of the input tensor"
             )
         device = x.device
-        if (
-            self._fused
-            and device.type == "cpu"
-            and self._n_blocks > 0
-            and not (self._check and len(self._holes) > 0)
-        ):
+        if self._fused and device.type == "cpu" and self._n_blocks > 0:
             use_map = True
             if not torch.jit.is_scripting():
                 use_map = not tracing()
@@ -353,7 +348,7 @@ class IrrepsToTensorMap(torch.nn.Module):
                     self._row_key_names, self._group_keys_host, self._keys,
                     self._components, self._properties, self._block_l,
                     self._block_group, basis_or_none, self._fused_meta,
-                    self._fused_columns,
+                    self._fused_columns, self._check and len(self._holes) > 0,
                 )
                 if len(done) == 1:
                     return done[0]

@@ -72,18 +72,19 @@ def test_to_irreps_fused_equals_torch(tensor, basis, layout, dtype):
         torch.testing.assert_close(outputs[0][0], outputs[1][0], rtol=0, atol=1e-14 * scale)
 
 
+@pytest.mark.parametrize("check", [False, True], ids=["check=False", "check=True"])
 @pytest.mark.parametrize("basis", ["featomic", "e3nn"])
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
-def test_to_tensor_map_fused_equals_torch(tensor, basis, layout):
+def test_to_tensor_map_fused_equals_torch(tensor, basis, layout, check):
     forward = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="torch")
     samples = forward.samples(tensor)
     x = forward(tensor)
     results = []
     for kernel in ["torch", "fused"]:
-        # check=False: the batch's layout has channels without blocks for some
-        # rows, whose check goes through PyTorch operators whatever the kernel
+        # the batch's layout has channels without blocks for some rows: with
+        # check=True, both kernels verify that x is zero there (it is)
         inverse = IrrepsToTensorMap.from_tensor_map(
-            tensor, basis=basis, layout=layout, kernel=kernel, check=False
+            tensor, basis=basis, layout=layout, kernel=kernel, check=check
         )
         y = x.clone().requires_grad_()
         back = inverse(y, samples)

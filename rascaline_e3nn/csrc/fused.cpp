@@ -929,7 +929,8 @@ std::vector<metatensor_torch::TensorMap> from_irreps_map(
     c10::IntArrayRef block_group,
     const c10::optional<Tensor>& basis,
     c10::IntArrayRef meta,
-    c10::IntArrayRef columns
+    c10::IntArrayRef columns,
+    bool check_holes
 ) {
     std::vector<metatensor_torch::TensorMap> none;
     if (!x.device().is_cpu() || x.dim() != 2
@@ -1046,6 +1047,41 @@ std::vector<metatensor_torch::TensorMap> from_irreps_map(
     auto n_blocks = static_cast<int64_t>(block_l.size());
     std::vector<int64_t> slots(n_blocks);
     std::iota(slots.begin(), slots.end(), 0);
+
+    if (check_holes) {
+        // values in the columns that no block of a row's group holds would be
+        // dropped: they must be zero (the detailed path names the culprit)
+        auto plan = make_plan(n_blocks, slots, counts, meta, columns, n, x.size(1));
+        auto xc = x.contiguous();
+        auto dim = x.size(1);
+        bool clean = true;
+        AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rascaline_e3nn::check_holes", [&] {
+            const scalar_t* data = xc.data_ptr<scalar_t>();
+            for (int64_t g = 0; g < n_groups && clean; g++) {
+                std::vector<char> covered(dim, 0);
+                for (auto bi: plan.by_group[g]) {
+                    const auto& b = plan.blocks[bi];
+                    for (int64_t p = 0; p < b.n_props; p++) {
+                        for (int64_t m = 0; m < 2 * b.l + 1; m++) {
+                            covered[b.columns[2 * p] + m * b.columns[2 * p + 1]] = 1;
+                        }
+                    }
+                }
+                std::vector<int64_t> holes;
+                for (int64_t c = 0; c < dim; c++) {
+                    if (!covered[c]) holes.push_back(c);
+                }
+                for (int64_t k = start[g]; k < start[g + 1] && clean && !holes.empty(); k++) {
+                    const scalar_t* row = data + pos[k] * dim;
+                    for (auto c: holes) {
+                        if (row[c] != 0) { clean = false; break; }
+                    }
+                }
+            }
+        });
+        if (!clean) return none;
+    }
+
     auto values = from_irreps_autograd(x, slots, position, counts, basis, meta, columns);
     std::vector<metatensor_torch::TensorBlock> blocks;
     for (int64_t t = 0; t < n_blocks; t++) {
@@ -1085,7 +1121,7 @@ TORCH_LIBRARY(rascaline_e3nn, m) {
         "__torch__.torch.classes.metatensor.Labels keys, "
         "__torch__.torch.classes.metatensor.Labels[] components, "
         "__torch__.torch.classes.metatensor.Labels[] properties, int[] block_l, "
-        "int[] block_group, Tensor? basis, int[] meta, int[] columns) "
+        "int[] block_group, Tensor? basis, int[] meta, int[] columns, bool check_holes) "
         "-> __torch__.torch.classes.metatensor.TensorMap[]",
         &from_irreps_map
     );
