@@ -1,8 +1,14 @@
-// Fused data movement of rascaline_e3nn: every block's values to (or from) the
-// flat [rows, irreps.dim] tensor in one pass, with the change of basis folded in.
+// The fused CPU kernel of rascaline_e3nn (kernel="fused").
 //
-// The planning (which block goes to which columns, which group row goes to which
-// output row) is done in Python/TorchScript; these kernels only move the data.
+// - to_irreps / from_irreps: every block's values to (or from) the flat
+//   [rows, irreps.dim] tensor in one pass, with the change of basis folded in; each
+//   is the other's backward.
+// - to_irreps_map / samples_map / from_irreps_map: the common case of the modules,
+//   metadata included, reading (or building) metatensor-torch TensorMaps in C++;
+//   anything else is handed back to the TorchScript code, which handles or names it.
+//
+// The layout (which block goes to which columns) is planned once in Python
+// (Layout.fused_tables); per call, only rows are ordered here.
 //
 // Tables, per planned block t (meta[3 t : 3 t + 3]): l, row group, and the start
 // of its properties in `columns`, which holds two numbers per property: the column
@@ -20,16 +26,16 @@
 #include <metatensor/torch.hpp>
 
 #include <algorithm>
+#include <cstdint>
+#include <cstring>
 #include <numeric>
 #include <string>
 #include <tuple>
+#include <vector>
 
-#include <cstring>
-#include <cstdint>
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
-#include <vector>
 
 namespace {
 
