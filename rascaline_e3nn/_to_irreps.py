@@ -589,17 +589,7 @@ class TensorMapToIrreps(torch.nn.Module):
         if not torch.jit.is_scripting():
             fused = fused and not tracing()
         if fused:
-            # the common case, metadata included, in one call (CPU, float32/64);
-            # anything else comes back as (False, _) and takes the path below
-            fused_basis: Optional[torch.Tensor] = None
-            if self._e3nn_basis:
-                fused_basis = self._basis
-            done, out = self._ops.to_irreps_map(
-                tensor, self._key_names, self._keys_host, self._sample_names,
-                self._block_prop_names[0], self._block_l, self._block_group,
-                self._properties_of_block, self._group_keys_host, self._check,
-                fused_basis, self._fused_meta, self._fused_columns, self._dim,
-            )
+            done, out = self._fused_map(tensor)
             if done:
                 return out
 
@@ -685,6 +675,19 @@ class TensorMapToIrreps(torch.nn.Module):
             else:
                 scatter_rows(out, position, torch.cat(grouped, dim=0))
         return out
+
+    def _fused_map(self, tensor: TensorMap) -> Tuple[bool, torch.Tensor]:
+        """The common case, metadata included, in one call of the fused kernel (CPU,
+        float32/64); anything else comes back as ``(False, _)``."""
+        fused_basis: Optional[torch.Tensor] = None
+        if self._e3nn_basis:
+            fused_basis = self._basis
+        return self._ops.to_irreps_map(
+            tensor, self._key_names, self._keys_host, self._sample_names,
+            self._block_prop_names[0], self._block_l, self._block_group,
+            self._properties_of_block, self._group_keys_host, self._check,
+            fused_basis, self._fused_meta, self._fused_columns, self._dim,
+        )
 
     def _segment_pieces(
         self,

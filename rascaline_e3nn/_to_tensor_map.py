@@ -267,6 +267,20 @@ class IrrepsToTensorMap(torch.nn.Module):
         self._properties = properties
         self._labels_device = device
 
+    def _fused_map(self, x: torch.Tensor, samples: Labels) -> List[TensorMap]:
+        """The common case, metadata included, in one call of the fused kernel (CPU,
+        float32/64, labels on the CPU); anything else comes back empty."""
+        basis_or_none: Optional[torch.Tensor] = None
+        if self._e3nn_basis:
+            basis_or_none = self._basis
+        return self._ops.from_irreps_map(
+            x, samples, self._all_samples, self._sample_names,
+            self._row_key_names, self._group_keys_host, self._keys,
+            self._components, self._properties, self._block_l,
+            self._block_group, basis_or_none, self._fused_meta,
+            self._fused_columns, self._check and len(self._holes) > 0,
+        )
+
     def _fused_forward(
         self,
         x: torch.Tensor,
@@ -340,16 +354,7 @@ class IrrepsToTensorMap(torch.nn.Module):
                 # comes back empty and takes the path below
                 if device != self._labels_device:
                     self._move_labels(device)
-                basis_or_none: Optional[torch.Tensor] = None
-                if self._e3nn_basis:
-                    basis_or_none = self._basis
-                done = self._ops.from_irreps_map(
-                    x, samples, self._all_samples, self._sample_names,
-                    self._row_key_names, self._group_keys_host, self._keys,
-                    self._components, self._properties, self._block_l,
-                    self._block_group, basis_or_none, self._fused_meta,
-                    self._fused_columns, self._check and len(self._holes) > 0,
-                )
+                done = self._fused_map(x, samples)
                 if len(done) == 1:
                     return done[0]
         names = samples.names

@@ -99,8 +99,14 @@ def test_to_tensor_map_fused_equals_torch(tensor, basis, layout, check):
 
 @pytest.mark.parametrize("basis", ["featomic", "e3nn"])
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
-def test_fused_gradgradcheck_both_directions(basis, layout):
-    tensor = spherical_expansion(max_angular=2, max_radial=1)(molecules())
+@pytest.mark.parametrize(
+    "batch", [False, True], ids=["one system (whole-map ops)", "batch (detailed path)"]
+)
+def test_fused_gradgradcheck_both_directions(basis, layout, batch):
+    if batch:
+        tensor = spherical_expansion(max_angular=2, max_radial=1)(molecules())
+    else:
+        tensor = spherical_expansion(max_angular=2, max_radial=1)([water_sodium()])
     forward = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="fused")
     inverse = IrrepsToTensorMap.from_tensor_map(
         tensor, basis=basis, layout=layout, kernel="fused", check=False
@@ -108,6 +114,11 @@ def test_fused_gradgradcheck_both_directions(basis, layout):
     assert inverse._fused
     samples = forward.samples(tensor)
     _, leaves = with_grad(tensor)
+    # which fused operators run: the whole-map ones for one system, the value
+    # movers behind the detailed path for a batch (blocks of a center type with
+    # different samples)
+    assert forward._fused_map(tensor)[0] == (not batch)
+    assert len(inverse._fused_map(forward(tensor), samples)) == 1
 
     def to_irreps(*values):
         blocks = [
