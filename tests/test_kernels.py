@@ -12,7 +12,8 @@ import textwrap
 
 import pytest
 import torch
-from metatensor.torch import TensorBlock, TensorMap
+import metatensor.torch as mts
+from metatensor.torch import Labels, TensorBlock, TensorMap
 
 import rascaline_e3nn
 from rascaline_e3nn import IrrepsToTensorMap, TensorMapToIrreps
@@ -99,25 +100,27 @@ def test_to_tensor_map_fused_equals_torch(tensor, basis, layout, check):
 
 @pytest.mark.parametrize("basis", ["featomic", "e3nn"])
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
-@pytest.mark.parametrize(
-    "batch", [False, True], ids=["one system (whole-map ops)", "batch (detailed path)"]
-)
-def test_fused_gradgradcheck_both_directions(basis, layout, batch):
-    if batch:
-        tensor = spherical_expansion(max_angular=2, max_radial=1)(molecules())
-    else:
-        tensor = spherical_expansion(max_angular=2, max_radial=1)([water_sodium()])
-    forward = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="fused")
+@pytest.mark.parametrize("case", ["one system", "batch", "property subset"])
+def test_fused_gradgradcheck_both_directions(basis, layout, case):
+    """Through each fused route: the whole-map operators with blocks sharing their
+    samples (one system), with row maps (a batch: blocks of a center type with
+    different samples), and the value movers behind the detailed TorchScript path
+    (input blocks holding a subset of the template's properties)."""
+    calculator = spherical_expansion(max_angular=2, max_radial=1)
+    template = calculator(molecules() if case == "batch" else [water_sodium()])
+    tensor = template
+    if case == "property subset":
+        tensor = mts.slice(
+            template, "properties", Labels(["n"], torch.tensor([[1]], dtype=torch.int32))
+        )
+    forward = TensorMapToIrreps(template, basis=basis, layout=layout, kernel="fused")
     inverse = IrrepsToTensorMap.from_tensor_map(
-        tensor, basis=basis, layout=layout, kernel="fused", check=False
+        template, basis=basis, layout=layout, kernel="fused", check=False
     )
     assert inverse._fused
     samples = forward.samples(tensor)
     _, leaves = with_grad(tensor)
-    # which fused operators run: the whole-map ones for one system, the value
-    # movers behind the detailed path for a batch (blocks of a center type with
-    # different samples)
-    assert forward._fused_map(tensor)[0] == (not batch)
+    assert forward._fused_map(tensor)[0] == (case != "property subset")
     assert len(inverse._fused_map(forward(tensor), samples)) == 1
 
     def to_irreps(*values):

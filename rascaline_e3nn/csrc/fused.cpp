@@ -368,10 +368,13 @@ const Sparse<T>* basis_of(const std::vector<Sparse<T>>& basis, const Block& b) {
     return (!basis.empty() && b.l >= 1) ? &basis[b.l] : nullptr;
 }
 
+// maps[slot]: for blocks that lack some rows of their group, the block row of every
+// group row (-1: absent, zeros), or nullptr when the block has every row in order
 template <typename T>
 void scatter_kernel(
     const Plan& plan,
     const std::vector<Tensor>& values,
+    const std::vector<const int64_t*>& maps,
     const int64_t* position,
     const std::vector<Sparse<T>>& basis,
     T* out,
@@ -403,12 +406,15 @@ void scatter_kernel(
             holes.emplace_back(c0, c - c0);
         }
         std::vector<const T*> sources;
+        std::vector<const int64_t*> member_maps;
         for (auto bi: members) {
             sources.push_back(values[plan.blocks[bi].slot].template data_ptr<T>());
+            member_maps.push_back(maps[plan.blocks[bi].slot]);
         }
         const int64_t* rows = position + plan.group_start[g];
         at::parallel_for(0, n, CHUNK, [&](int64_t begin, int64_t end) {
             std::vector<T> tmp(plan.max_k * std::max<int64_t>(plan.max_props, 1));
+            const std::vector<T> zeros(plan.max_k * std::max<int64_t>(plan.max_props, 1), 0);
             std::vector<T> staging(CHUNK * dim);
             for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
                 auto c1 = std::min(end, c0 + CHUNK);
@@ -421,8 +427,20 @@ void scatter_kernel(
                     const auto& b = plan.blocks[members[j]];
                     auto size = (2 * b.l + 1) * b.n_props;
                     auto D = basis_of(basis, b);
+                    const int64_t* map = member_maps[j];
 #define RASCALINE_E3NN_PUT(PF) \
-                    put_rows<T, PF>(b, sources[j] + c0 * size, c1 - c0, D, tmp.data(), staging.data(), dim);
+                    if (map == nullptr) { \
+                        put_rows<T, PF>(b, sources[j] + c0 * size, c1 - c0, D, tmp.data(), staging.data(), dim); \
+                    } else { \
+                        for (int64_t i = c0; i < c1; i++) { \
+                            T* row = staging.data() + (i - c0) * dim; \
+                            if (map[i] < 0) { \
+                                put_rows<T, PF>(b, zeros.data(), 1, nullptr, tmp.data(), row, dim); \
+                            } else { \
+                                put_rows<T, PF>(b, sources[j] + map[i] * size, 1, D, tmp.data(), row, dim); \
+                            } \
+                        } \
+                    }
                     RASCALINE_E3NN_BY_PROPERTIES(b.n_props, RASCALINE_E3NN_PUT)
 #undef RASCALINE_E3NN_PUT
                 }
@@ -444,6 +462,7 @@ void gather_kernel(
     int64_t dim,
     const int64_t* position,
     const std::vector<Sparse<T>>& basis,
+    const std::vector<const int64_t*>& maps,
     std::vector<Tensor>& values
 ) {
     auto n_groups = static_cast<int64_t>(plan.by_group.size());
@@ -454,8 +473,10 @@ void gather_kernel(
             continue;
         }
         std::vector<T*> targets;
+        std::vector<const int64_t*> member_maps;
         for (auto bi: members) {
             targets.push_back(values[plan.blocks[bi].slot].template data_ptr<T>());
+            member_maps.push_back(maps[plan.blocks[bi].slot]);
         }
         const int64_t* rows = position + plan.group_start[g];
         at::parallel_for(0, n, CHUNK, [&](int64_t begin, int64_t end) {
@@ -470,14 +491,54 @@ void gather_kernel(
                     const auto& b = plan.blocks[members[j]];
                     auto size = (2 * b.l + 1) * b.n_props;
                     auto D = basis_of(basis, b);
+                    const int64_t* map = member_maps[j];
 #define RASCALINE_E3NN_GET(PF) \
-                    get_rows<T, PF>(b, staging.data(), c1 - c0, dim, D, tmp.data(), targets[j] + c0 * size);
+                    if (map == nullptr) { \
+                        get_rows<T, PF>(b, staging.data(), c1 - c0, dim, D, tmp.data(), targets[j] + c0 * size); \
+                    } else { \
+                        for (int64_t i = c0; i < c1; i++) { \
+                            if (map[i] >= 0) { \
+                                get_rows<T, PF>(b, staging.data() + (i - c0) * dim, 1, dim, D, tmp.data(), targets[j] + map[i] * size); \
+                            } \
+                        } \
+                    }
                     RASCALINE_E3NN_BY_PROPERTIES(b.n_props, RASCALINE_E3NN_GET)
 #undef RASCALINE_E3NN_GET
                 }
             }
         });
     }
+}
+
+// the rows of a block: its group's, or the entries of its row map
+int64_t block_rows(const Plan& plan, const Block& b, const std::vector<Tensor>& row_maps) {
+    if (row_maps.empty() || !row_maps[b.slot].defined()) {
+        return plan.group_rows[b.group];
+    }
+    const auto& map = row_maps[b.slot];
+    TORCH_CHECK(map.scalar_type() == torch::kInt64 && map.is_contiguous() && map.dim() == 1
+        && map.size(0) == plan.group_rows[b.group], "rascaline_e3nn: bad row map");
+    const int64_t* m = map.data_ptr<int64_t>();
+    int64_t count = 0;
+    for (int64_t i = 0; i < map.size(0); i++) {
+        if (m[i] >= 0) count++;
+    }
+    return count;
+}
+
+std::vector<const int64_t*> map_pointers(const Plan& plan, const std::vector<Tensor>& row_maps) {
+    std::vector<const int64_t*> maps(plan.blocks.size(), nullptr);
+    for (const auto& b: plan.blocks) {
+        if (!row_maps.empty() && row_maps[b.slot].defined()) {
+            auto n = block_rows(plan, b, row_maps);
+            const int64_t* m = row_maps[b.slot].data_ptr<int64_t>();
+            for (int64_t i = 0; i < row_maps[b.slot].size(0); i++) {
+                TORCH_CHECK(m[i] < n, "rascaline_e3nn: row map out of range");
+            }
+            maps[b.slot] = m;
+        }
+    }
+    return maps;
 }
 
 void check_position(const Tensor& position) {
@@ -494,7 +555,8 @@ Tensor to_irreps_kernel(
     c10::IntArrayRef meta,
     c10::IntArrayRef columns,
     int64_t dim,
-    const Tensor& like
+    const Tensor& like,
+    const std::vector<Tensor>& row_maps
 ) {
     check_position(position_in);
     auto position = position_in.contiguous();
@@ -506,10 +568,11 @@ Tensor to_irreps_kernel(
         const auto& v = values_in[b.slot];
         TORCH_CHECK(v.device().is_cpu(), "rascaline_e3nn: fused kernel values must be on the CPU");
         TORCH_CHECK(v.scalar_type() == dtype, "rascaline_e3nn: blocks of different dtypes");
-        TORCH_CHECK(v.dim() == 3 && v.size(0) == plan.group_rows[b.group] && v.size(1) == 2 * b.l + 1
+        TORCH_CHECK(v.dim() == 3 && v.size(0) == block_rows(plan, b, row_maps) && v.size(1) == 2 * b.l + 1
             && v.size(2) == b.n_props, "rascaline_e3nn: block values of shape ", v.sizes(),
             " do not match the plan");
     }
+    auto maps = map_pointers(plan, row_maps);
     for (const auto& v: values_in) {
         values.push_back(v.contiguous());
     }
@@ -520,7 +583,7 @@ Tensor to_irreps_kernel(
     auto out = torch::empty({n, dim}, like.options().device(torch::kCPU));
     AT_DISPATCH_FLOATING_TYPES(dtype, "rascaline_e3nn::to_irreps", [&] {
         auto D = sparse_basis<scalar_t>(basis, max_l_of(plan), /*transpose=*/false);
-        scatter_kernel<scalar_t>(plan, values, pos, D, out.data_ptr<scalar_t>(), dim);
+        scatter_kernel<scalar_t>(plan, values, maps, pos, D, out.data_ptr<scalar_t>(), dim);
     });
     return out;
 }
@@ -532,7 +595,8 @@ std::vector<Tensor> from_irreps_kernel(
     c10::IntArrayRef group_rows,
     const c10::optional<Tensor>& basis,
     c10::IntArrayRef meta,
-    c10::IntArrayRef columns
+    c10::IntArrayRef columns,
+    const std::vector<Tensor>& row_maps
 ) {
     check_position(position_in);
     TORCH_CHECK(x_in.device().is_cpu() && x_in.dim() == 2, "rascaline_e3nn: x must be a 2-D CPU tensor");
@@ -547,11 +611,12 @@ std::vector<Tensor> from_irreps_kernel(
     }
     std::vector<Tensor> values(plan.blocks.size());
     for (const auto& b: plan.blocks) {
-        values[b.slot] = torch::empty({plan.group_rows[b.group], 2 * b.l + 1, b.n_props}, x.options());
+        values[b.slot] = torch::empty({block_rows(plan, b, row_maps), 2 * b.l + 1, b.n_props}, x.options());
     }
+    auto maps = map_pointers(plan, row_maps);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rascaline_e3nn::from_irreps", [&] {
         auto D = sparse_basis<scalar_t>(basis, max_l_of(plan), /*transpose=*/true);
-        gather_kernel<scalar_t>(plan, x.data_ptr<scalar_t>(), dim, pos, D, values);
+        gather_kernel<scalar_t>(plan, x.data_ptr<scalar_t>(), dim, pos, D, maps, values);
     });
     return values;
 }
@@ -565,22 +630,30 @@ std::vector<Tensor> from_irreps_kernel(
 std::vector<Tensor> from_irreps_autograd(
     const Tensor& x, c10::IntArrayRef slots, const Tensor& position,
     c10::IntArrayRef group_rows, const c10::optional<Tensor>& basis,
-    c10::IntArrayRef meta, c10::IntArrayRef columns);
+    c10::IntArrayRef meta, c10::IntArrayRef columns,
+    const std::vector<Tensor>& row_maps = {});
 
 Tensor to_irreps_autograd(
     const std::vector<Tensor>& values, c10::IntArrayRef slots, const Tensor& position,
     c10::IntArrayRef group_rows, const c10::optional<Tensor>& basis,
-    c10::IntArrayRef meta, c10::IntArrayRef columns, int64_t dim);
+    c10::IntArrayRef meta, c10::IntArrayRef columns, int64_t dim,
+    const std::vector<Tensor>& row_maps = {});
 
 struct Saved {
     std::vector<int64_t> slots, group_rows, meta, columns;
     c10::optional<Tensor> basis;
     Tensor position;
+    std::vector<Tensor> row_maps;
 };
 
 void save(AutogradContext* ctx, c10::IntArrayRef slots, const Tensor& position,
           c10::IntArrayRef group_rows, const c10::optional<Tensor>& basis,
-          c10::IntArrayRef meta, c10::IntArrayRef columns) {
+          c10::IntArrayRef meta, c10::IntArrayRef columns, const std::vector<Tensor>& row_maps) {
+    // undefined maps (identity) are saved as empty tensors
+    c10::List<Tensor> maps;
+    for (const auto& m: row_maps) maps.push_back(m.defined() ? m : torch::Tensor(torch::empty({0}, torch::kInt64)));
+    ctx->saved_data["row_maps"] = maps;
+    ctx->saved_data["has_maps"] = !row_maps.empty();
     ctx->saved_data["slots"] = slots.vec();
     ctx->saved_data["position"] = position;
     ctx->saved_data["group_rows"] = group_rows.vec();
@@ -598,6 +671,11 @@ Saved load(AutogradContext* ctx) {
     if (!basis.isNone()) s.basis = basis.toTensor();
     s.meta = ctx->saved_data["meta"].toIntVector();
     s.columns = ctx->saved_data["columns"].toIntVector();
+    if (ctx->saved_data["has_maps"].toBool()) {
+        for (const auto& m: ctx->saved_data["row_maps"].toTensorVector()) {
+            s.row_maps.push_back(m.numel() == 0 && m.dim() == 1 && m.size(0) == 0 ? Tensor() : m);
+        }
+    }
     return s;
 }
 
@@ -607,17 +685,18 @@ public:
         AutogradContext* ctx, at::TensorList values, c10::IntArrayRef slots,
         const Tensor& position, c10::IntArrayRef group_rows,
         const c10::optional<Tensor>& basis, c10::IntArrayRef meta,
-        c10::IntArrayRef columns, int64_t dim, const Tensor& like
+        c10::IntArrayRef columns, int64_t dim, const Tensor& like,
+        const std::vector<Tensor>& row_maps
     ) {
-        save(ctx, slots, position, group_rows, basis, meta, columns);
-        return to_irreps_kernel(values.vec(), slots, position, group_rows, basis, meta, columns, dim, like);
+        save(ctx, slots, position, group_rows, basis, meta, columns, row_maps);
+        return to_irreps_kernel(values.vec(), slots, position, group_rows, basis, meta, columns, dim, like, row_maps);
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grad) {
         auto s = load(ctx);
-        auto grads = from_irreps_autograd(grad[0], s.slots, s.position, s.group_rows, s.basis, s.meta, s.columns);
-        // slots, position, group_rows, basis, meta, columns, dim, like
-        for (int i = 0; i < 9; i++) grads.emplace_back();
+        auto grads = from_irreps_autograd(grad[0], s.slots, s.position, s.group_rows, s.basis, s.meta, s.columns, s.row_maps);
+        // slots, position, group_rows, basis, meta, columns, dim, like, row_maps
+        for (int i = 0; i < 10; i++) grads.emplace_back();
         return grads;
     }
 };
@@ -628,12 +707,12 @@ public:
         AutogradContext* ctx, const Tensor& x, c10::IntArrayRef slots,
         const Tensor& position, c10::IntArrayRef group_rows,
         const c10::optional<Tensor>& basis, c10::IntArrayRef meta,
-        c10::IntArrayRef columns
+        c10::IntArrayRef columns, const std::vector<Tensor>& row_maps
     ) {
-        save(ctx, slots, position, group_rows, basis, meta, columns);
+        save(ctx, slots, position, group_rows, basis, meta, columns, row_maps);
         ctx->saved_data["rows"] = x.size(0);
         ctx->saved_data["dim"] = x.size(1);
-        return from_irreps_kernel(x, slots, position, group_rows, basis, meta, columns);
+        return from_irreps_kernel(x, slots, position, group_rows, basis, meta, columns, row_maps);
     }
 
     static variable_list backward(AutogradContext* ctx, variable_list grad) {
@@ -642,9 +721,9 @@ public:
         auto rows = ctx->saved_data["rows"].toInt();
         TORCH_CHECK(rows == s.position.size(0), "rascaline_e3nn: from_irreps backward needs a bijection on rows");
         // an undefined gradient (output unused) comes materialized as zeros
-        auto out = to_irreps_autograd(grad, s.slots, s.position, s.group_rows, s.basis, s.meta, s.columns, dim);
+        auto out = to_irreps_autograd(grad, s.slots, s.position, s.group_rows, s.basis, s.meta, s.columns, dim, s.row_maps);
         variable_list result = {out};
-        for (int i = 0; i < 6; i++) result.emplace_back();
+        for (int i = 0; i < 7; i++) result.emplace_back();
         return result;
     }
 };
@@ -657,18 +736,36 @@ Tensor like_of(const std::vector<Tensor>& values) {
 Tensor to_irreps_autograd(
     const std::vector<Tensor>& values, c10::IntArrayRef slots, const Tensor& position,
     c10::IntArrayRef group_rows, const c10::optional<Tensor>& basis,
-    c10::IntArrayRef meta, c10::IntArrayRef columns, int64_t dim
+    c10::IntArrayRef meta, c10::IntArrayRef columns, int64_t dim,
+    const std::vector<Tensor>& row_maps
 ) {
     auto like = like_of(values).detach();
-    return ToIrreps::apply(at::TensorList(values), slots, position, group_rows, basis, meta, columns, dim, like);
+    return ToIrreps::apply(at::TensorList(values), slots, position, group_rows, basis, meta, columns, dim, like, row_maps);
+}
+
+Tensor to_irreps_op(
+    const std::vector<Tensor>& values, c10::IntArrayRef slots, const Tensor& position,
+    c10::IntArrayRef group_rows, const c10::optional<Tensor>& basis,
+    c10::IntArrayRef meta, c10::IntArrayRef columns, int64_t dim
+) {
+    return to_irreps_autograd(values, slots, position, group_rows, basis, meta, columns, dim);
 }
 
 std::vector<Tensor> from_irreps_autograd(
     const Tensor& x, c10::IntArrayRef slots, const Tensor& position,
     c10::IntArrayRef group_rows, const c10::optional<Tensor>& basis,
+    c10::IntArrayRef meta, c10::IntArrayRef columns,
+    const std::vector<Tensor>& row_maps
+) {
+    return FromIrreps::apply(x, slots, position, group_rows, basis, meta, columns, row_maps);
+}
+
+std::vector<Tensor> from_irreps_op(
+    const Tensor& x, c10::IntArrayRef slots, const Tensor& position,
+    c10::IntArrayRef group_rows, const c10::optional<Tensor>& basis,
     c10::IntArrayRef meta, c10::IntArrayRef columns
 ) {
-    return FromIrreps::apply(x, slots, position, group_rows, basis, meta, columns);
+    return from_irreps_autograd(x, slots, position, group_rows, basis, meta, columns);
 }
 
 
@@ -705,6 +802,8 @@ struct Collected {
     std::vector<int64_t> order;     // group rows in output order
     int64_t width = 0;              // columns of `table`
     bool unique = true;             // no two rows alike
+    std::vector<Tensor> row_maps;   // per present block: its row of every group row
+                                    // (-1: absent), undefined when it has them all
 };
 
 Collected collect_map(
@@ -769,7 +868,9 @@ Collected collect_map(
 
     // ---- blocks
     std::vector<Tensor> values;
+    std::vector<Tensor> block_samples;
     std::vector<Tensor> samples(n_groups);
+    std::vector<bool> shared(n_groups, true);
     auto dtype = blocks[0]->values().scalar_type();
     if (dtype != torch::kFloat32 && dtype != torch::kFloat64) return not_fast;
     for (int64_t i = 0; i < n_in; i++) {
@@ -791,14 +892,75 @@ Collected collect_map(
         }
         if (!equal_int32(block->properties()->values(), template_properties[t])) return not_fast;
         auto sample_values = block->samples()->values();
+        if (!sample_values.device().is_cpu() || sample_values.scalar_type() != torch::kInt32) return not_fast;
         auto g = block_group[t];
         if (!samples[g].defined()) {
-            if (!sample_values.device().is_cpu() || sample_values.scalar_type() != torch::kInt32) return not_fast;
             samples[g] = sample_values.contiguous();
         } else if (!equal_int32(sample_values, samples[g])) {
-            return not_fast;
+            shared[g] = false;
         }
+        block_samples.push_back(sample_values.contiguous());
         values.push_back(value);
+    }
+
+    // ---- groups whose blocks have different samples (featomic gives them for
+    // centers without neighbours of some type): rows are the sorted union, each
+    // block placed by a row map, zeros where it has no entry
+    std::vector<Tensor> row_maps(n_in);
+    auto n_sample_dims = static_cast<int64_t>(sample_names.size());
+    for (int64_t g = 0; g < n_groups; g++) {
+        if (shared[g]) continue;
+        std::vector<int64_t> members;
+        for (int64_t i = 0; i < n_in; i++) {
+            if (block_group[slots[i]] == g) members.push_back(i);
+        }
+        // every (member, row), sorted by sample values then member
+        std::vector<std::pair<int64_t, int64_t>> refs;
+        for (int64_t j = 0; j < static_cast<int64_t>(members.size()); j++) {
+            for (int64_t r = 0; r < block_samples[members[j]].size(0); r++) refs.emplace_back(j, r);
+        }
+        auto row_of = [&](const std::pair<int64_t, int64_t>& ref) {
+            return block_samples[members[ref.first]].data_ptr<int32_t>() + ref.second * n_sample_dims;
+        };
+        auto compare = [&](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
+            const int32_t* ra = row_of(a);
+            const int32_t* rb = row_of(b);
+            for (int64_t c = 0; c < n_sample_dims; c++) {
+                if (ra[c] != rb[c]) return ra[c] < rb[c] ? -1 : 1;
+            }
+            return 0;
+        };
+        std::sort(refs.begin(), refs.end(), [&](const auto& a, const auto& b) {
+            auto c = compare(a, b);
+            return c != 0 ? c < 0 : a.first < b.first;
+        });
+        std::vector<int32_t> union_values;
+        std::vector<std::vector<int64_t>> maps(members.size());
+        int64_t u = -1;
+        for (size_t k = 0; k < refs.size(); k++) {
+            if (k == 0 || compare(refs[k - 1], refs[k]) != 0) {
+                u += 1;
+                const int32_t* row = row_of(refs[k]);
+                union_values.insert(union_values.end(), row, row + n_sample_dims);
+            } else if (refs[k - 1].first == refs[k].first) {
+                return not_fast;  // a block with duplicated samples: named by the detailed path
+            }
+            auto& map = maps[refs[k].first];
+            map.resize(u + 1, -1);
+            map[u] = refs[k].second;
+        }
+        auto n_union = u + 1;
+        auto union_tensor = torch::empty({n_union, n_sample_dims}, torch::kInt32);
+        if (n_union > 0) {
+            std::memcpy(union_tensor.data_ptr<int32_t>(), union_values.data(), union_values.size() * sizeof(int32_t));
+        }
+        samples[g] = union_tensor;
+        for (size_t j = 0; j < members.size(); j++) {
+            maps[j].resize(n_union, -1);
+            auto map = torch::empty({n_union}, torch::kInt64);
+            if (n_union > 0) std::memcpy(map.data_ptr<int64_t>(), maps[j].data(), n_union * sizeof(int64_t));
+            row_maps[members[j]] = map;
+        }
     }
 
     // ---- rows: (samples, row keys) of every group, sorted lexicographically
@@ -855,6 +1017,9 @@ Collected collect_map(
     result.order = std::move(order);
     result.width = width;
     result.unique = unique;
+    bool any_map = false;
+    for (const auto& m: row_maps) any_map = any_map || m.defined();
+    if (any_map) result.row_maps = std::move(row_maps);
     return result;
 }
 
@@ -879,7 +1044,7 @@ std::tuple<bool, Tensor> to_irreps_map(
     if (!c.ok) {
         return std::make_tuple(false, torch::empty({0}));
     }
-    auto out = to_irreps_autograd(c.values, c.slots, c.position, c.group_rows, basis, meta, columns, dim);
+    auto out = to_irreps_autograd(c.values, c.slots, c.position, c.group_rows, basis, meta, columns, dim, c.row_maps);
     return std::make_tuple(true, out);
 }
 
@@ -1105,7 +1270,7 @@ TORCH_LIBRARY(rascaline_e3nn, m) {
     m.def(
         "to_irreps(Tensor[] values, int[] slots, Tensor position, int[] group_rows, "
         "Tensor? basis, int[] meta, int[] columns, int dim) -> Tensor",
-        &to_irreps_autograd
+        &to_irreps_op
     );
     m.def(
         "to_irreps_map(__torch__.torch.classes.metatensor.TensorMap tensor, str[] key_names, "
@@ -1134,6 +1299,6 @@ TORCH_LIBRARY(rascaline_e3nn, m) {
     m.def(
         "from_irreps(Tensor x, int[] slots, Tensor position, int[] group_rows, "
         "Tensor? basis, int[] meta, int[] columns) -> Tensor[]",
-        &from_irreps_autograd
+        &from_irreps_op
     );
 }
