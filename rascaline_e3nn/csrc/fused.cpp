@@ -919,8 +919,10 @@ Collected collect_map(
         for (int64_t j = 0; j < static_cast<int64_t>(members.size()); j++) {
             for (int64_t r = 0; r < block_samples[members[j]].size(0); r++) refs.emplace_back(j, r);
         }
+        std::vector<const int32_t*> member_samples;
+        for (auto i: members) member_samples.push_back(block_samples[i].data_ptr<int32_t>());
         auto row_of = [&](const std::pair<int64_t, int64_t>& ref) {
-            return block_samples[members[ref.first]].data_ptr<int32_t>() + ref.second * n_sample_dims;
+            return member_samples[ref.first] + ref.second * n_sample_dims;
         };
         auto compare = [&](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
             const int32_t* ra = row_of(a);
