@@ -1,6 +1,6 @@
 """Helpers shared by both modules: flat tables, checks and sorting used in ``forward``."""
 
-from typing import List
+from typing import List, Tuple
 
 import torch
 from metatensor.torch import Labels, TensorBlock
@@ -42,6 +42,24 @@ def lexsort(rows: torch.Tensor) -> torch.Tensor:
         _, idx = torch.sort(rows[:, c].index_select(0, perm), stable=True)
         perm = perm.index_select(0, idx)
     return perm
+
+
+def unique_rows(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.unique(rows, sorted=True, return_inverse=True, dim=0)`` with a few
+    whole-tensor operators (``unique`` with ``dim`` works row by row: ~50 ms for
+    the 14k sample rows of a featomic batch)."""
+    n = rows.shape[0]
+    if n == 0:
+        return rows, torch.zeros(0, dtype=torch.int64, device=rows.device)
+    order = lexsort(rows)
+    ordered = rows.index_select(0, order)
+    first = torch.ones(n, dtype=torch.bool, device=rows.device)
+    if n > 1:
+        first[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
+    ids = torch.cumsum(first.to(torch.int64), dim=0) - 1
+    inverse = torch.empty_like(ids)
+    inverse[order] = ids
+    return ordered[first], inverse
 
 
 def inverse_permutation(perm: torch.Tensor) -> torch.Tensor:

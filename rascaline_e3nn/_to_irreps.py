@@ -17,6 +17,7 @@ from ._tables import (
     labels,
     lexsort,
     scatter_rows,
+    unique_rows,
 )
 
 
@@ -463,9 +464,7 @@ class TensorMapToIrreps(torch.nn.Module):
                 s = samples[t]
                 assert s is not None
                 everything.append(s)
-            union, inverse = torch.unique(
-                torch.cat(everything), sorted=True, return_inverse=True, dim=0
-            )
+            union, inverse = unique_rows(torch.cat(everything))
             start = 0
             for t in present:
                 v = values[t]

@@ -424,3 +424,23 @@ def test_inverse_matches_reference(layout_data, basis, layout, dtype, data, kern
     assert sorted(order) == sorted(rows)
     index = torch.tensor([order.index(r) for r in rows])
     torch.testing.assert_close(again[index], x, rtol=0, atol=atol)
+
+
+@given(
+    rows=st.lists(
+        st.tuples(st.integers(-3, 3), st.integers(-3, 3), st.integers(0, 2)), max_size=40
+    )
+)
+@SETTINGS
+def test_unique_rows_matches_torch_unique(rows):
+    """The generic path's union of samples equals torch.unique(dim=0), which it
+    replaces for speed."""
+    from rascaline_e3nn._tables import unique_rows
+
+    values = torch.tensor(rows, dtype=torch.int32).reshape(len(rows), 3)
+    union, inverse = unique_rows(values)
+    expected, expected_inverse = torch.unique(
+        values, sorted=True, return_inverse=True, dim=0
+    )
+    assert torch.equal(union, expected.reshape(-1, 3))
+    assert torch.equal(inverse, expected_inverse.reshape(-1))
