@@ -43,14 +43,24 @@ def _metatensor_paths():
     core_lib = os.path.join(core, "lib")
     includes = [torch_include, os.path.join(core, "include")]
     flags = [
+        "-fopenmp",
         f"-L{torch_lib}", "-lmetatensor_torch", f"-Wl,-rpath,{torch_lib}",
         f"-L{core_lib}", "-lmetatensor", f"-Wl,-rpath,{core_lib}",
     ]
     return includes, flags, metatensor_torch.__version__
 
 
-def _build_directory(metatensor_torch_version: str) -> Path:
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:12]
+#: -fopenmp: at::parallel_for is an inline `#pragma omp parallel`, serial without it;
+#: libgomp.so.1 then resolves to the copy torch has already loaded
+CFLAGS = ["-O3", "-fopenmp"]
+
+
+def _build_directory(metatensor_torch_version: str, ldflags) -> Path:
+    """One directory per torch / metatensor-torch version, source and flags (so that
+    torch.utils.cpp_extension never renames the library to a ``_v1`` version)."""
+    digest = hashlib.sha256(
+        SOURCE.read_bytes() + repr((CFLAGS, ldflags)).encode()
+    ).hexdigest()[:12]
     root = os.environ.get("RASCALINE_E3NN_CACHE", "~/.cache/rascaline_e3nn")
     tag = f"torch-{torch.__version__}-mts-{metatensor_torch_version}-{digest}"
     return Path(root).expanduser() / tag.replace("+", "_")
@@ -76,13 +86,13 @@ def load() -> Optional[str]:
             os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
         includes, ldflags, version = _metatensor_paths()
-        directory = _build_directory(version)
+        directory = _build_directory(version, ldflags)
         directory.mkdir(parents=True, exist_ok=True)
         name = "rascaline_e3nn_fused"
         cpp_extension.load(
             name=name,
             sources=[str(SOURCE)],
-            extra_cflags=["-O3"],
+            extra_cflags=CFLAGS,
             extra_include_paths=includes,
             extra_ldflags=ldflags,
             build_directory=str(directory),
