@@ -82,7 +82,7 @@ class TensorMapToIrreps(torch.nn.Module):
         How values move on the CPU. ``"torch"`` (default): PyTorch operators only,
         so that a scripted module loads wherever metatensor-torch does.
         ``"fused"``: metadata checks and one pass over the data in compiled code,
-        1.4-2.8x faster forward, 1.3-3.2x faster forward+backward, no
+        2.8-7.6x faster forward, 2.4-4.7x faster forward+backward, no
         intermediates and a 7x lower per-call floor on the benchmarks'
         reference case (benchmarks/README.md); the kernel is compiled on first use (~25 s,
         cached), and a scripted module using it needs
