@@ -138,8 +138,10 @@ def use_fused(kernel: str) -> bool:
 
 
 class FusedOps(torch.nn.Module):
-    """The fused operators, as a submodule: a scripted module references them only
-    when built with this one (``kernel="torch"`` gets :class:`NoFusedOps`)."""
+    """The fused operators, as a submodule. Modules built with ``kernel="torch"``
+    hold None instead, and TorchScript does not compile the code behind their
+    ``self._ops is not None`` checks: their scripted form never references the
+    custom operators."""
 
     def samples_map(
         self,
@@ -236,96 +238,22 @@ class FusedOps(torch.nn.Module):
         )
 
 
-class NoFusedOps(torch.nn.Module):
-    """Stand-in for :class:`FusedOps` in modules that never call it."""
-
-    def samples_map(
-        self,
-        tensor: TensorMap,
-        key_names: List[str],
-        template_keys: torch.Tensor,
-        sample_names: List[str],
-        row_key_names: List[str],
-        property_names: List[str],
-        block_l: List[int],
-        block_group: List[int],
-        template_properties: List[torch.Tensor],
-        group_keys: torch.Tensor,
-        check: bool,
-    ) -> List[Labels]:
-        raise RuntimeError("this module was built without the fused kernel")
-
-    def from_irreps_map(
-        self,
-        x: torch.Tensor,
-        samples: Labels,
-        all_samples: bool,
-        sample_names: List[str],
-        row_key_names: List[str],
-        group_keys: torch.Tensor,
-        keys: Labels,
-        components: List[Labels],
-        properties: List[Labels],
-        block_l: List[int],
-        block_group: List[int],
-        basis: Optional[torch.Tensor],
-        meta: List[int],
-        columns: List[int],
-        check_holes: bool,
-    ) -> List[TensorMap]:
-        raise RuntimeError("this module was built without the fused kernel")
-
-    def to_irreps_map(
-        self,
-        tensor: TensorMap,
-        key_names: List[str],
-        template_keys: torch.Tensor,
-        sample_names: List[str],
-        property_names: List[str],
-        block_l: List[int],
-        block_group: List[int],
-        template_properties: List[torch.Tensor],
-        group_keys: torch.Tensor,
-        check: bool,
-        basis: Optional[torch.Tensor],
-        meta: List[int],
-        columns: List[int],
-        dim: int,
-    ) -> Tuple[bool, torch.Tensor]:
-        raise RuntimeError("this module was built without the fused kernel")
-
-    def to_irreps(
-        self,
-        values: List[torch.Tensor],
-        slots: List[int],
-        position: torch.Tensor,
-        group_rows: List[int],
-        basis: Optional[torch.Tensor],
-        meta: List[int],
-        columns: List[int],
-        dim: int,
-    ) -> torch.Tensor:
-        raise RuntimeError("this module was built without the fused kernel")
-
-    def from_irreps(
-        self,
-        x: torch.Tensor,
-        slots: List[int],
-        position: torch.Tensor,
-        group_rows: List[int],
-        basis: Optional[torch.Tensor],
-        meta: List[int],
-        columns: List[int],
-    ) -> List[torch.Tensor]:
-        raise RuntimeError("this module was built without the fused kernel")
+def may_fuse() -> bool:
+    """False under torch.compile (dynamo), which cannot trace the fused operators
+    (they have no fake-tensor implementation): compiled code takes the PyTorch
+    operator path. Always True in TorchScript."""
+    if not torch.jit.is_scripting():
+        return not torch.compiler.is_compiling()
+    return True
 
 
-def tracing() -> bool:
-    """True under torch.compile (dynamo), which cannot trace the fused operators:
-    they have no fake-tensor implementation, so compiled code takes the PyTorch
-    operator path. Call only behind ``not torch.jit.is_scripting()``."""
-    return torch.compiler.is_compiling()
+def fused_basis(e3nn_basis: bool, basis: torch.Tensor) -> Optional[torch.Tensor]:
+    """The fused operators' basis argument: the D_l matrices, or None for the
+    identity (featomic basis)."""
+    if e3nn_basis:
+        return basis
+    return None
 
 
-def fused_ops(kernel: str) -> torch.nn.Module:
-    return FusedOps() if use_fused(kernel) else NoFusedOps()
+def fused_ops(kernel: str) -> Optional[FusedOps]:
+    return FusedOps() if use_fused(kernel) else None

@@ -6,7 +6,7 @@ import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from ._conventions import BASES, LAYOUTS, check_option
-from ._fused import FusedOps, fused_ops, tracing
+from ._fused import fused_basis, fused_ops, may_fuse
 from ._plan import Layout
 from ._tables import (
     basis_tables,
@@ -136,6 +136,7 @@ class TensorMapToIrreps(torch.nn.Module):
     _piece_ptr: List[int]
     _fused_meta: List[int]
     _fused_columns: List[int]
+    __jit_unused_properties__ = ["_fused"]
 
     def __init__(
         self,
@@ -214,7 +215,6 @@ class TensorMapToIrreps(torch.nn.Module):
 
         self.kernel = kernel
         self._ops = fused_ops(kernel)
-        self._fused = isinstance(self._ops, FusedOps)
         self._fused_meta, self._fused_columns = plan.fused_tables(self.layout)
         # host copy: the fused kernel reads the metadata on the CPU
         self._group_keys_host = plan.group_keys()
@@ -258,6 +258,11 @@ class TensorMapToIrreps(torch.nn.Module):
     def keys(self) -> Labels:
         """Keys of the planned layout (the template's keys)."""
         return self.plan.keys()
+
+    @property
+    def _fused(self) -> bool:
+        """Whether this module calls the fused kernel (for CPU inputs)."""
+        return self._ops is not None
 
     def extra_repr(self) -> str:
         return f"{self.irreps_out}, basis={self.basis}, layout={self.layout}"
@@ -567,10 +572,7 @@ class TensorMapToIrreps(torch.nn.Module):
     def samples(self, tensor: TensorMap) -> Labels:
         """Metadata of the rows of ``forward(tensor)``: the block sample dimensions,
         then the key dimensions moved to rows."""
-        fused = self._fused and self._n_blocks > 0
-        if not torch.jit.is_scripting():
-            fused = fused and not tracing()
-        if fused:
+        if self._ops is not None and self._n_blocks > 0 and may_fuse():
             found = self._ops.samples_map(
                 tensor, self._key_names, self._keys_host, self._sample_names,
                 self._row_key_names, self._block_prop_names[0], self._block_l,
@@ -584,10 +586,7 @@ class TensorMapToIrreps(torch.nn.Module):
         return labels(self._sample_names + self._row_key_names, rows)
 
     def forward(self, tensor: TensorMap) -> torch.Tensor:
-        fused = self._fused and self._n_blocks > 0
-        if not torch.jit.is_scripting():
-            fused = fused and not tracing()
-        if fused:
+        if self._ops is not None and self._n_blocks > 0 and may_fuse():
             done, out = self._fused_map(tensor)
             if done:
                 return out
@@ -602,10 +601,12 @@ class TensorMapToIrreps(torch.nn.Module):
                 device = v.device
                 break
         _, position = self._rows(group_samples)
-        fused = self._fused and device.type == "cpu"
-        if not torch.jit.is_scripting():
-            fused = fused and not tracing()
-        if fused and (dtype == torch.float32 or dtype == torch.float64):
+        if (
+            self._ops is not None
+            and device.type == "cpu"
+            and (dtype == torch.float32 or dtype == torch.float64)
+            and may_fuse()
+        ):
             present: List[torch.Tensor] = []
             slots: List[int] = []
             for t in range(self._n_blocks):
@@ -617,11 +618,9 @@ class TensorMapToIrreps(torch.nn.Module):
                 group_rows: List[int] = []
                 for g in range(self._n_groups):
                     group_rows.append(group_samples[g].shape[0])
-                basis_or_none: Optional[torch.Tensor] = None
-                if self._e3nn_basis:
-                    basis_or_none = self._basis
                 return self._ops.to_irreps(
-                    present, slots, position, group_rows, basis_or_none,
+                    present, slots, position, group_rows,
+                    fused_basis(self._e3nn_basis, self._basis),
                     self._fused_meta, self._fused_columns, self._dim,
                 )
 
@@ -678,14 +677,12 @@ class TensorMapToIrreps(torch.nn.Module):
     def _fused_map(self, tensor: TensorMap) -> Tuple[bool, torch.Tensor]:
         """The common case, metadata included, in one call of the fused kernel (CPU,
         float32/64); anything else comes back as ``(False, _)``."""
-        fused_basis: Optional[torch.Tensor] = None
-        if self._e3nn_basis:
-            fused_basis = self._basis
         return self._ops.to_irreps_map(
             tensor, self._key_names, self._keys_host, self._sample_names,
             self._block_prop_names[0], self._block_l, self._block_group,
             self._properties_of_block, self._group_keys_host, self._check,
-            fused_basis, self._fused_meta, self._fused_columns, self._dim,
+            fused_basis(self._e3nn_basis, self._basis), self._fused_meta,
+            self._fused_columns, self._dim,
         )
 
     def _segment_pieces(

@@ -7,7 +7,7 @@ from e3nn import o3
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 from ._conventions import BASES, LAYOUTS, check_option
-from ._fused import FusedOps, fused_ops, tracing
+from ._fused import fused_basis, fused_ops, may_fuse
 from ._plan import Layout
 from ._tables import (
     basis_tables,
@@ -85,6 +85,7 @@ class IrrepsToTensorMap(torch.nn.Module):
     _fused_meta: List[int]
     _fused_columns: List[int]
     _all_blocks: List[int]
+    __jit_unused_properties__ = ["_fused"]
 
     def __init__(
         self,
@@ -194,10 +195,14 @@ class IrrepsToTensorMap(torch.nn.Module):
 
         self.kernel = kernel
         self._ops = fused_ops(kernel)
-        self._fused = isinstance(self._ops, FusedOps)
         self._fused_meta, self._fused_columns = plan.fused_tables(self.layout)
         self._all_blocks = list(range(len(plan.blocks)))
         self._group_keys_host = plan.group_keys()
+
+    @property
+    def _fused(self) -> bool:
+        """Whether this module calls the fused kernel (for CPU inputs)."""
+        return self._ops is not None
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in}, basis={self.basis}, layout={self.layout}"
@@ -270,15 +275,12 @@ class IrrepsToTensorMap(torch.nn.Module):
     def _fused_map(self, x: torch.Tensor, samples: Labels) -> List[TensorMap]:
         """The common case, metadata included, in one call of the fused kernel (CPU,
         float32/64, labels on the CPU); anything else comes back empty."""
-        basis_or_none: Optional[torch.Tensor] = None
-        if self._e3nn_basis:
-            basis_or_none = self._basis
         return self._ops.from_irreps_map(
             x, samples, self._all_samples, self._sample_names,
             self._row_key_names, self._group_keys_host, self._keys,
             self._components, self._properties, self._block_l,
-            self._block_group, basis_or_none, self._fused_meta,
-            self._fused_columns, self._check and len(self._holes) > 0,
+            self._block_group, fused_basis(self._e3nn_basis, self._basis),
+            self._fused_meta, self._fused_columns, self._check and len(self._holes) > 0,
         )
 
     def _fused_forward(
@@ -290,11 +292,9 @@ class IrrepsToTensorMap(torch.nn.Module):
         sample_names: List[str],
         sample_columns: List[int],
     ) -> TensorMap:
-        fused_basis: Optional[torch.Tensor] = None
-        if self._e3nn_basis:
-            fused_basis = self._basis
         values = self._ops.from_irreps(
-            x, self._all_blocks, position, counts, fused_basis,
+            x, self._all_blocks, position, counts,
+            fused_basis(self._e3nn_basis, self._basis),
             self._fused_meta, self._fused_columns,
         )
         group_labels: List[Labels] = []
@@ -345,18 +345,14 @@ class IrrepsToTensorMap(torch.nn.Module):
                 + str(n_rows) + " rows of the input tensor"
             )
         device = x.device
-        if self._fused and device.type == "cpu" and self._n_blocks > 0:
-            use_map = True
-            if not torch.jit.is_scripting():
-                use_map = not tracing()
-            if use_map:
-                # the common case, metadata included, in one call; anything else
-                # comes back empty and takes the path below
-                if device != self._labels_device:
-                    self._move_labels(device)
-                done = self._fused_map(x, samples)
-                if len(done) == 1:
-                    return done[0]
+        if self._ops is not None and device.type == "cpu" and self._n_blocks > 0 and may_fuse():
+            # the common case, metadata included, in one call; anything else
+            # comes back empty and takes the path below
+            if device != self._labels_device:
+                self._move_labels(device)
+            done = self._fused_map(x, samples)
+            if len(done) == 1:
+                return done[0]
         names = samples.names
         sample_values = samples.values.to(device)
         if self._all_samples:
@@ -388,13 +384,12 @@ class IrrepsToTensorMap(torch.nn.Module):
                 )
 
         fused = (
-            self._fused
+            self._ops is not None
             and device.type == "cpu"
             and (x.dtype == torch.float32 or x.dtype == torch.float64)
             and not (self._check and len(self._holes) > 0)
+            and may_fuse()
         )
-        if not torch.jit.is_scripting():
-            fused = fused and not tracing()
         # the flat row of every grouped row (fused kernel only)
         position = torch.zeros(0, dtype=torch.int64)
         if self._n_groups == 1 and len(self._row_key_names) == 0:
@@ -436,7 +431,8 @@ class IrrepsToTensorMap(torch.nn.Module):
 
         if device != self._labels_device:
             self._move_labels(device)
-        if fused:
+        # (the None check first: TorchScript then skips this for kernel="torch")
+        if self._ops is not None and fused:
             return self._fused_forward(x, position, counts, grouped_samples, sample_names, sample_columns)
 
         basis = self._basis.to(dtype=x.dtype, device=device)
