@@ -148,6 +148,28 @@ Plan make_plan(
     return plan;
 }
 
+// Runs (first column, length) of the columns that no present block of group g
+// holds: zeros in the flat tensor, values that would be dropped on the way back.
+std::vector<std::pair<int64_t, int64_t>> holes_of(const Plan& plan, int64_t g, int64_t dim) {
+    std::vector<char> covered(dim, 0);
+    for (auto bi: plan.by_group[g]) {
+        const auto& b = plan.blocks[bi];
+        for (int64_t p = 0; p < b.n_props; p++) {
+            for (int64_t m = 0; m < 2 * b.l + 1; m++) {
+                covered[b.columns[2 * p] + m * b.columns[2 * p + 1]] = 1;
+            }
+        }
+    }
+    std::vector<std::pair<int64_t, int64_t>> holes;
+    for (int64_t c = 0; c < dim;) {
+        if (covered[c]) { c++; continue; }
+        auto c0 = c;
+        while (c < dim && !covered[c]) c++;
+        holes.emplace_back(c0, c - c0);
+    }
+    return holes;
+}
+
 // D_l in the scalar type, row by row (to_irreps) or column by column (from_irreps,
 // which applies the transpose)
 template <typename T>
@@ -388,23 +410,7 @@ void scatter_kernel(
             continue;
         }
         // columns that no present block of this group writes: zero
-        std::vector<char> covered(dim, 0);
-        for (auto bi: members) {
-            const auto& b = plan.blocks[bi];
-            auto K = 2 * b.l + 1;
-            for (int64_t p = 0; p < b.n_props; p++) {
-                for (int64_t m = 0; m < K; m++) {
-                    covered[b.columns[2 * p] + m * b.columns[2 * p + 1]] = 1;
-                }
-            }
-        }
-        std::vector<std::pair<int64_t, int64_t>> holes;
-        for (int64_t c = 0; c < dim;) {
-            if (covered[c]) { c++; continue; }
-            auto c0 = c;
-            while (c < dim && !covered[c]) c++;
-            holes.emplace_back(c0, c - c0);
-        }
+        auto holes = holes_of(plan, g, dim);
         std::vector<const T*> sources;
         std::vector<const int64_t*> member_maps;
         for (auto bi: members) {
@@ -1231,23 +1237,13 @@ std::vector<metatensor_torch::TensorMap> from_irreps_map(
         AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rascaline_e3nn::check_holes", [&] {
             const scalar_t* data = xc.data_ptr<scalar_t>();
             for (int64_t g = 0; g < n_groups && clean; g++) {
-                std::vector<char> covered(dim, 0);
-                for (auto bi: plan.by_group[g]) {
-                    const auto& b = plan.blocks[bi];
-                    for (int64_t p = 0; p < b.n_props; p++) {
-                        for (int64_t m = 0; m < 2 * b.l + 1; m++) {
-                            covered[b.columns[2 * p] + m * b.columns[2 * p + 1]] = 1;
-                        }
-                    }
-                }
-                std::vector<int64_t> holes;
-                for (int64_t c = 0; c < dim; c++) {
-                    if (!covered[c]) holes.push_back(c);
-                }
+                auto holes = holes_of(plan, g, dim);
                 for (int64_t k = start[g]; k < start[g + 1] && clean && !holes.empty(); k++) {
                     const scalar_t* row = data + pos[k] * dim;
-                    for (auto c: holes) {
-                        if (row[c] != 0) { clean = false; break; }
+                    for (const auto& h: holes) {
+                        for (int64_t c = h.first; c < h.first + h.second && clean; c++) {
+                            clean = row[c] == 0;
+                        }
                     }
                 }
             }
