@@ -33,11 +33,22 @@ def test_the_fused_kernel_was_built():
 
 @pytest.fixture(
     scope="module",
-    params=["lode, one system (fast path)", "spherical expansion, batch (generic path)"],
+    params=[
+        "lode, one system (fast path)",
+        "spherical expansion, batch (generic path)",
+        # 8 properties: the unrolled loops and non-temporal stores of the kernel
+        # (runs of 32 or 64 bytes); 17: more than the unrolled loops handle
+        "spherical expansion, batch, 8 radial",
+        "spherical expansion, batch, 17 radial",
+    ],
 )
 def tensor(request):
     if request.param.startswith("lode"):
         return lode(max_angular=3, max_radial=2)([water_sodium()])
+    if request.param.endswith("8 radial"):
+        return spherical_expansion(max_angular=3, max_radial=7)(molecules())
+    if request.param.endswith("17 radial"):
+        return spherical_expansion(max_angular=2, max_radial=16)(molecules())
     return spherical_expansion(max_angular=3, max_radial=2)(molecules())
 
 

@@ -35,9 +35,15 @@
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
+#include <xmmintrin.h>
 #endif
 
+
 namespace {
+
+// the small helpers of the row loops: always inlined (a call per run of properties
+// costs more than the run)
+#define RASCALINE_E3NN_INLINE inline __attribute__((always_inline))
 
 using torch::Tensor;
 using torch::autograd::AutogradContext;
@@ -205,174 +211,390 @@ int64_t max_l_of(const Plan& plan) {
     return (plan.max_k - 1) / 2;
 }
 
-// one block row [2l+1, P] (featomic basis) into its columns of a row
-// PF > 0: the number of properties, known at compile time (the short inner loops
-// then unroll into a few vector moves); PF = 0: read from the block.
-// Rows [0, n) of a block (`src`, contiguous [n, 2l+1, P], featomic basis) into their
-// columns of `n` staging rows of `dim` values.
-template <typename T, int PF>
-void put_rows(const Block& b, const T* __restrict__ src, int64_t n, const Sparse<T>* D,
-              T* __restrict__ tmp, T* __restrict__ staging, int64_t dim) {
+// A block with columns in no regular pattern (a GENERIC unit), one row: its values
+// (`src`, [2l+1, P], featomic basis) into their columns of `row`; with D, through
+// `tmp` (2l+1 x P values): x_e3nn[a] = sum_b D[a, b] x[b]
+template <typename T>
+void put_generic(const Block& b, const T* __restrict__ src, const Sparse<T>* D,
+                 T* __restrict__ tmp, T* __restrict__ row) {
     const int64_t K = 2 * b.l + 1;
-    const int64_t P = PF > 0 ? PF : b.n_props;
-    const int64_t first = b.first;
-    const int64_t step = b.step;
-    const Run run = b.run;
-    const int64_t* cols = b.columns;
-    for (int64_t r = 0; r < n; r++, src += K * P, staging += dim) {
-        T* __restrict__ row = staging;
-        const T* __restrict__ from = src;
-        if (D != nullptr && run == IR_MUL) {
-            // x_e3nn[a] = sum_b D[a, b] x[b], straight into the row
-            for (int64_t a = 0; a < K; a++) {
-                T acc[PF > 0 ? PF : 1];
-                T* __restrict__ dst = row + first + a * step;
-                if (PF > 0) {
-                    for (int64_t p = 0; p < P; p++) acc[p] = 0;
-                    for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                        const T* __restrict__ s = from + D->idx[e] * P;
-                        T d = D->val[e];
-                        for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
-                    }
-                    for (int64_t p = 0; p < P; p++) dst[p] = acc[p];
-                } else {
-                    for (int64_t p = 0; p < P; p++) dst[p] = 0;
-                    for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                        const T* __restrict__ s = from + D->idx[e] * P;
-                        T d = D->val[e];
-                        for (int64_t p = 0; p < P; p++) dst[p] += d * s[p];
-                    }
-                }
+    const int64_t P = b.n_props;
+    const T* __restrict__ from = src;
+    if (D != nullptr) {
+        for (int64_t a = 0; a < K; a++) {
+            T* __restrict__ acc = tmp + a * P;
+            for (int64_t p = 0; p < P; p++) acc[p] = 0;
+            for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
+                const T* __restrict__ s = src + D->idx[e] * P;
+                T d = D->val[e];
+                for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
             }
-            continue;
         }
-        if (D != nullptr) {
-            for (int64_t a = 0; a < K; a++) {
-                T* __restrict__ acc = tmp + a * P;
-                for (int64_t p = 0; p < P; p++) acc[p] = 0;
-                for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                    const T* __restrict__ s = from + D->idx[e] * P;
-                    T d = D->val[e];
-                    for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
-                }
-            }
-            from = tmp;
-        }
-        if (run == MUL_IR) {
-            T* __restrict__ dst = row + first;
-            for (int64_t p = 0; p < P; p++) {
-                for (int64_t m = 0; m < K; m++) dst[p * K + m] = from[m * P + p];
-            }
-        } else if (run == IR_MUL) {
-            for (int64_t m = 0; m < K; m++) {
-                T* __restrict__ dst = row + first + m * step;
-                const T* __restrict__ s = from + m * P;
-                for (int64_t p = 0; p < P; p++) dst[p] = s[p];
-            }
-        } else {
-            for (int64_t p = 0; p < P; p++) {
-                T* dst = row + cols[2 * p];
-                auto c_step = cols[2 * p + 1];
-                for (int64_t m = 0; m < K; m++) dst[m * c_step] = from[m * P + p];
+        from = tmp;
+    }
+    for (int64_t p = 0; p < P; p++) {
+        T* dst = row + b.columns[2 * p];
+        auto step = b.columns[2 * p + 1];
+        for (int64_t m = 0; m < K; m++) dst[m * step] = from[m * P + p];
+    }
+}
+
+// the same, back: the columns of a GENERIC block in `row` into its values (`dst`,
+// [2l+1, P], featomic basis); D lists the transpose: x[a] = sum_b D[b, a] x_e3nn[b]
+template <typename T>
+void get_generic(const Block& b, const T* __restrict__ row, const Sparse<T>* D,
+                 T* __restrict__ tmp, T* __restrict__ dst) {
+    const int64_t K = 2 * b.l + 1;
+    const int64_t P = b.n_props;
+    T* __restrict__ into = D != nullptr ? tmp : dst;
+    for (int64_t p = 0; p < P; p++) {
+        const T* s = row + b.columns[2 * p];
+        auto step = b.columns[2 * p + 1];
+        for (int64_t m = 0; m < K; m++) into[m * P + p] = s[m * step];
+    }
+    if (D != nullptr) {
+        for (int64_t a = 0; a < K; a++) {
+            T* __restrict__ acc = dst + a * P;
+            for (int64_t p = 0; p < P; p++) acc[p] = 0;
+            for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
+                const T* __restrict__ s = tmp + D->idx[e] * P;
+                T d = D->val[e];
+                for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
             }
         }
     }
 }
 
-// the columns of a block in `n` staging rows of `dim` values into its rows [0, n)
-// (`dst`, contiguous [n, 2l+1, P], featomic basis); D lists the transpose:
-// x_featomic[a] = sum_b D[b, a] x_e3nn[b]
-template <typename T, int PF>
-void get_rows(const Block& b, const T* __restrict__ staging, int64_t n, int64_t dim,
-              const Sparse<T>* D, T* __restrict__ tmp, T* __restrict__ dst) {
-    const int64_t K = 2 * b.l + 1;
-    const int64_t P = PF > 0 ? PF : b.n_props;
-    const int64_t first = b.first;
-    const int64_t step = b.step;
-    const Run run = b.run;
-    const int64_t* cols = b.columns;
-    for (int64_t r = 0; r < n; r++, staging += dim, dst += K * P) {
-        const T* __restrict__ row = staging;
-        if (D != nullptr && run == IR_MUL) {
-            for (int64_t a = 0; a < K; a++) {
-                T* __restrict__ acc = dst + a * P;
-                for (int64_t p = 0; p < P; p++) acc[p] = 0;
-                for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                    const T* __restrict__ s = row + first + D->idx[e] * step;
-                    T d = D->val[e];
-                    for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
-                }
+// ---------------------------------------------------------------- row programs
+//
+// to_irreps writes every flat row in one pass, in column order, straight from the
+// rows of its blocks, with non-temporal stores (the output is written once and is
+// usually larger than the caches: ordinary stores would first read every line of it).
+// from_irreps reads a chunk of flat rows and fills the blocks one after the other, so
+// that every block is one sequential stream of (non-temporal) stores.
+// Measured on the reference case (benchmarks/README.md): the earlier design (blocks
+// copied one after the other into a staging buffer of 16 rows, then each row copied
+// out; the same, backwards) cost 1.6-2.2x as much, ordinary stores 1.3-2.5x.
+//
+// A row is a sequence of units, each writing (reading) a set of its columns:
+// - IR_MUL: the blocks of one segment of an ir_mul layout, side by side: for every m,
+//   the properties of each block in turn (a run of P columns from each);
+// - MUL_IR: consecutive blocks of one segment of a mul_ir layout, each [P, 2l+1]
+//   contiguous columns (the transpose of its row);
+// - GENERIC: one block with any columns (put_generic / get_generic).
+// The change of basis (D_l, sparse: up to 4 entries per row for l = 6) is applied
+// on the way, to the block row being read (to_irreps) or written (from_irreps).
+
+enum UnitKind {
+    UNIT_IR_MUL = 0,
+    UNIT_MUL_IR = 1,
+    UNIT_GENERIC = 2,
+};
+
+struct Unit {
+    UnitKind kind;
+    int64_t l;
+    int64_t step;                 // IR_MUL: columns from one m to the next
+    int64_t props;                // the common number of properties of its blocks,
+                                  // 0 when they differ or exceed 16 (read per block)
+    std::vector<int64_t> members; // indices in the group's member list
+    std::vector<int64_t> firsts;  // the first column of each
+    int64_t run = 0;              // MUL_IR: the columns of all its blocks
+    bool stream = false;          // to_irreps: non-temporal stores (aligned columns)
+};
+
+// the fast path of an IR_MUL unit handles this many blocks (more: the general one)
+constexpr int64_t MAX_UNIT_BLOCKS = 64;
+
+// The units of group g, in the order of their first column (members: plan.by_group[g])
+std::vector<Unit> row_program(const Plan& plan, int64_t g) {
+    const auto& members = plan.by_group[g];
+    std::vector<int64_t> order;
+    for (int64_t k = 0; k < static_cast<int64_t>(members.size()); k++) {
+        if (plan.blocks[members[k]].n_props > 0) order.push_back(k);
+    }
+    std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) {
+        return plan.blocks[members[a]].first < plan.blocks[members[b]].first;
+    });
+    std::vector<Unit> units;
+    for (auto k: order) {
+        const auto& b = plan.blocks[members[k]];
+        if (b.run == IR_MUL && !units.empty() && units.back().kind == UNIT_IR_MUL) {
+            // another block of the same segment: same l and step, after the previous
+            // block and within one m-row of the first
+            auto& unit = units.back();
+            const auto& head = plan.blocks[members[unit.members.front()]];
+            const auto& last = plan.blocks[members[unit.members.back()]];
+            if (unit.l == b.l && unit.step == b.step && b.first >= last.first + last.n_props
+                && b.first + b.n_props <= head.first + unit.step) {
+                unit.members.push_back(k);
+                if (unit.props != b.n_props) unit.props = 0;
+                continue;
             }
-            continue;
         }
-        T* __restrict__ into = D != nullptr ? tmp : dst;
-        if (run == MUL_IR) {
-            const T* __restrict__ s = row + first;
-            for (int64_t m = 0; m < K; m++) {
-                T* __restrict__ d = into + m * P;
-                for (int64_t p = 0; p < P; p++) d[p] = s[p * K + m];
-            }
-        } else if (run == IR_MUL) {
-            for (int64_t m = 0; m < K; m++) {
-                T* __restrict__ d = into + m * P;
-                const T* __restrict__ s = row + first + m * step;
-                for (int64_t p = 0; p < P; p++) d[p] = s[p];
-            }
-        } else {
-            for (int64_t p = 0; p < P; p++) {
-                const T* s = row + cols[2 * p];
-                auto c_step = cols[2 * p + 1];
-                for (int64_t m = 0; m < K; m++) into[m * P + p] = s[m * c_step];
+        if (b.run == MUL_IR && !units.empty() && units.back().kind == UNIT_MUL_IR) {
+            // the next block of the same segment, right after the previous one
+            auto& unit = units.back();
+            const auto& last = plan.blocks[members[unit.members.back()]];
+            if (unit.l == b.l && b.first == last.first + (2 * last.l + 1) * last.n_props) {
+                unit.members.push_back(k);
+                if (unit.props != b.n_props) unit.props = 0;
+                continue;
             }
         }
-        if (D != nullptr) {
-            for (int64_t a = 0; a < K; a++) {
-                T* __restrict__ acc = dst + a * P;
-                for (int64_t p = 0; p < P; p++) acc[p] = 0;
-                for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                    const T* __restrict__ s = tmp + D->idx[e] * P;
-                    T d = D->val[e];
-                    for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
-                }
-            }
+        auto kind = b.run == IR_MUL ? UNIT_IR_MUL : (b.run == MUL_IR ? UNIT_MUL_IR : UNIT_GENERIC);
+        units.push_back(Unit{kind, b.l, b.step, b.n_props, {k}});
+    }
+    for (auto& unit: units) {
+        if (unit.props > 16) unit.props = 0;
+        for (auto k: unit.members) {
+            const auto& b = plan.blocks[members[k]];
+            unit.firsts.push_back(b.first);
+            unit.run += (2 * b.l + 1) * b.n_props;
         }
     }
+    return units;
 }
 
-// rows are handled in chunks of CHUNK: each chunk is assembled (or read) in a
-// cache-resident staging buffer, block after block, so that every block is read
-// (or written) as one sequential stream and every flat row is written (or read)
-// in one contiguous copy
-constexpr int64_t CHUNK = 16;
-
-// a plain loop rather than memcpy: glibc's memcpy uses `rep movsb` for rows of
-// a few KiB, measured 5x slower than this loop on the AMD EPYC this was tuned on
-template <typename T>
-inline void copy_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
-    for (int64_t k = 0; k < n; k++) dst[k] = src[k];
-}
-
-// the same, bypassing the cache for the destination (non-temporal stores): the
-// flat output is written once and is too large to stay cached, so ordinary
-// stores would first read every line of it
-template <typename T>
-inline void stream_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n) {
+// n values from src to dst; with `stream`, non-temporal stores (dst and n * sizeof(T)
+// 16-byte aligned): the flat output is written once and is usually too large to
+// stay cached, so ordinary stores would first read every line of it
+template <typename T, int N>
+RASCALINE_E3NN_INLINE void emit(T* __restrict__ dst, const T* __restrict__ src, int64_t n, bool stream) {
+    if (N > 0) n = N;
 #if defined(__SSE2__)
-    auto bytes = n * static_cast<int64_t>(sizeof(T));
-    auto address = reinterpret_cast<uintptr_t>(dst);
-    if (address % 16 == 0) {
-        auto chunks = bytes / 16;
+    if (stream) {
         auto* d = reinterpret_cast<__m128i*>(dst);
         auto* s = reinterpret_cast<const __m128i*>(src);
-        for (int64_t k = 0; k < chunks; k++) {
-            _mm_stream_si128(d + k, _mm_loadu_si128(s + k));
-        }
-        auto done = chunks * 16 / static_cast<int64_t>(sizeof(T));
-        for (int64_t k = done; k < n; k++) dst[k] = src[k];
+        const int64_t chunks = n * static_cast<int64_t>(sizeof(T)) / 16;
+        for (int64_t c = 0; c < chunks; c++) _mm_stream_si128(d + c, _mm_loadu_si128(s + c));
         return;
     }
 #endif
-    copy_row(dst, src, n);
+    for (int64_t k = 0; k < n; k++) dst[k] = src[k];
+}
+
+// One row a of D_l (a few non-zero entries: `count` of them, at columns idx[e] with
+// values val[e]), hoisted out of the loops over blocks and rows
+template <typename T>
+struct DRow {
+    const int64_t* idx;
+    const T* val;
+    int64_t count;
+};
+
+template <typename T>
+RASCALINE_E3NN_INLINE DRow<T> d_row(const Sparse<T>* D, int64_t a) {
+    auto e0 = D->ptr[a];
+    return DRow<T>{D->idx.data() + e0, D->val.data() + e0, D->ptr[a + 1] - e0};
+}
+
+// out[p] = sum_e val[e] x[idx[e] * stride + p] for p < n: D_l applied to the
+// m-components of n properties, in element-wise loops that vectorize
+template <typename T, int PF>
+RASCALINE_E3NN_INLINE void combine(T* __restrict__ out, const T* __restrict__ x, int64_t n, int64_t stride, DRow<T> d) {
+    if (PF > 0) n = PF;
+    if (d.count == 0) {
+        for (int64_t p = 0; p < n; p++) out[p] = 0;
+        return;
+    }
+    {
+        const T v = d.val[0];
+        const T* __restrict__ x0 = x + d.idx[0] * stride;
+        for (int64_t p = 0; p < n; p++) out[p] = v * x0[p];
+    }
+    for (int64_t e = 1; e < d.count; e++) {
+        const T v = d.val[e];
+        const T* __restrict__ xe = x + d.idx[e] * stride;
+        for (int64_t p = 0; p < n; p++) out[p] += v * xe[p];
+    }
+}
+
+// dst[c rows + r] = src[r cols + c] for a small matrix (one block row): 4 x 4 (float)
+// or 2 x 2 (double) SSE tiles, scalar edges
+RASCALINE_E3NN_INLINE void transpose(const float* __restrict__ src, int64_t rows, int64_t cols, float* __restrict__ dst) {
+    int64_t r0 = 0;
+#if defined(__SSE2__)
+    for (; r0 + 4 <= rows; r0 += 4) {
+        int64_t c0 = 0;
+        for (; c0 + 4 <= cols; c0 += 4) {
+            __m128 a = _mm_loadu_ps(src + (r0 + 0) * cols + c0);
+            __m128 b = _mm_loadu_ps(src + (r0 + 1) * cols + c0);
+            __m128 c = _mm_loadu_ps(src + (r0 + 2) * cols + c0);
+            __m128 d = _mm_loadu_ps(src + (r0 + 3) * cols + c0);
+            _MM_TRANSPOSE4_PS(a, b, c, d);
+            _mm_storeu_ps(dst + (c0 + 0) * rows + r0, a);
+            _mm_storeu_ps(dst + (c0 + 1) * rows + r0, b);
+            _mm_storeu_ps(dst + (c0 + 2) * rows + r0, c);
+            _mm_storeu_ps(dst + (c0 + 3) * rows + r0, d);
+        }
+        for (; c0 < cols; c0++) {
+            for (int64_t r = r0; r < r0 + 4; r++) dst[c0 * rows + r] = src[r * cols + c0];
+        }
+    }
+#endif
+    for (; r0 < rows; r0++) {
+        for (int64_t c = 0; c < cols; c++) dst[c * rows + r0] = src[r0 * cols + c];
+    }
+}
+
+RASCALINE_E3NN_INLINE void transpose(const double* __restrict__ src, int64_t rows, int64_t cols, double* __restrict__ dst) {
+    int64_t r0 = 0;
+#if defined(__SSE2__)
+    for (; r0 + 2 <= rows; r0 += 2) {
+        int64_t c0 = 0;
+        for (; c0 + 2 <= cols; c0 += 2) {
+            __m128d a = _mm_loadu_pd(src + r0 * cols + c0);
+            __m128d b = _mm_loadu_pd(src + (r0 + 1) * cols + c0);
+            _mm_storeu_pd(dst + c0 * rows + r0, _mm_unpacklo_pd(a, b));
+            _mm_storeu_pd(dst + (c0 + 1) * rows + r0, _mm_unpackhi_pd(a, b));
+        }
+        for (; c0 < cols; c0++) {
+            dst[c0 * rows + r0] = src[r0 * cols + c0];
+            dst[c0 * rows + r0 + 1] = src[(r0 + 1) * cols + c0];
+        }
+    }
+#endif
+    for (; r0 < rows; r0++) {
+        for (int64_t c = 0; c < cols; c++) dst[c * rows + r0] = src[r0 * cols + c];
+    }
+}
+
+// to_irreps, one unit of one row: `src[k]` is the row of member k ([2l+1, P],
+// featomic basis) or nullptr (no entry: zeros); D maps it to the e3nn basis
+// (x_e3nn[a] = sum_b D[a, b] x[b]) or is nullptr. `work`: max_k * max_props values.
+template <typename T, int PF>
+inline void put_unit(const Unit& unit, const Plan& plan, const std::vector<int64_t>& members,
+                     const T* const* src, const Sparse<T>* D, T* __restrict__ work,
+                     T* __restrict__ row) {
+    const int64_t K = 2 * unit.l + 1;
+    const bool stream = unit.stream;
+    if (unit.kind == UNIT_IR_MUL) {
+        const auto nb = static_cast<int64_t>(unit.members.size());
+        if (PF > 0 && nb <= MAX_UNIT_BLOCKS) {
+            // the common case, kept tight: every block has this row
+            const T* from[MAX_UNIT_BLOCKS];
+            bool all = true;
+            for (int64_t j = 0; j < nb; j++) {
+                from[j] = src[unit.members[j]];
+                all = all && from[j] != nullptr;
+            }
+            if (all) {
+                const int64_t* firsts = unit.firsts.data();
+                for (int64_t a = 0; a < K; a++) {
+                    T* base = row + a * unit.step;
+                    if (D == nullptr) {
+                        for (int64_t j = 0; j < nb; j++) emit<T, PF>(base + firsts[j], from[j] + a * PF, PF, stream);
+                    } else {
+                        const auto row_a = d_row(D, a);
+                        for (int64_t j = 0; j < nb; j++) {
+                            T acc[PF > 0 ? PF : 1];
+                            combine<T, PF>(acc, from[j], PF, PF, row_a);
+                            emit<T, PF>(base + firsts[j], acc, PF, stream);
+                        }
+                    }
+                }
+                return;
+            }
+        }
+        for (int64_t a = 0; a < K; a++) {
+            for (size_t j = 0; j < unit.members.size(); j++) {
+                const T* __restrict__ s = src[unit.members[j]];
+                const auto P = plan.blocks[members[unit.members[j]]].n_props;
+                T* __restrict__ dst = row + unit.firsts[j] + a * unit.step;
+                if (s == nullptr) {
+                    for (int64_t p = 0; p < P; p++) dst[p] = 0;
+                } else if (D == nullptr) {
+                    for (int64_t p = 0; p < P; p++) dst[p] = s[a * P + p];
+                } else {
+                    combine<T, 0>(dst, s, P, P, d_row(D, a));
+                }
+            }
+        }
+        return;
+    }
+    auto k = unit.members[0];
+    const auto& b = plan.blocks[members[k]];
+    const int64_t P = PF > 0 ? PF : b.n_props;
+    const T* __restrict__ s = src[k];
+    if (unit.kind == UNIT_MUL_IR) {
+        // every block: [P, 2l+1] contiguous columns, the transpose of its row (after
+        // D); when streamed, the whole run is assembled in `work` and written at once
+        // (a cache line is then never left half-written while the next block is
+        // transposed). `work`: dim values for the run, then 2l+1 x P for D.
+        const int64_t first = unit.firsts[0];
+        T* __restrict__ rotated = work + unit.run;
+        for (size_t j = 0; j < unit.members.size(); j++) {
+            const T* __restrict__ sj = src[unit.members[j]];
+            const int64_t Pj = PF > 0 ? PF : plan.blocks[members[unit.members[j]]].n_props;
+            T* __restrict__ dst = stream ? work + (unit.firsts[j] - first) : row + unit.firsts[j];
+            if (sj == nullptr) {
+                for (int64_t c = 0; c < K * Pj; c++) dst[c] = 0;
+            } else if (D == nullptr) {
+                transpose(sj, K, Pj, dst);
+            } else {
+                for (int64_t a = 0; a < K; a++) {
+                    combine<T, PF>(rotated + a * Pj, sj, Pj, Pj, d_row(D, a));
+                }
+                transpose(rotated, K, Pj, dst);
+            }
+        }
+        if (stream) emit<T, 0>(row + first, work, unit.run, true);
+        return;
+    }
+    // GENERIC: the block's columns, wherever they are (`work`: D applied first)
+    if (s == nullptr) {
+        for (int64_t c = 0; c < K * P; c++) work[c] = 0;
+        put_generic<T>(b, work, nullptr, nullptr, row);
+    } else {
+        put_generic<T>(b, s, D, work, row);
+    }
+}
+
+// from_irreps, block j of a unit, rows [0, n) of a chunk: the block rows `dst[i]`
+// ([2l+1, P], featomic basis; nullptr: no entry for this row) from the columns of the
+// flat rows `rows[i]`; D lists the transpose (x_featomic[a] = sum_b D[b, a] x_e3nn[b])
+// or is nullptr. Block after block (not row after row as in put_unit): every block
+// row is then written in one go, and consecutive rows of a block are adjacent, so
+// that each block is one sequential stream of (non-temporal) stores.
+// `work`: 2 (2l+1) P values.
+template <typename T, int PF>
+inline void get_member(const Unit& unit, size_t j, const Block& b, const T* const* rows,
+                       T* const* dst, int64_t n, const Sparse<T>* D, T* __restrict__ work,
+                       bool stream) {
+    const int64_t K = 2 * unit.l + 1;
+    const int64_t P = PF > 0 ? PF : b.n_props;
+    const int64_t first = unit.firsts[j];
+    for (int64_t i = 0; i < n; i++) {
+        T* __restrict__ d = dst[i];
+        if (d == nullptr) continue;
+        const T* __restrict__ row = rows[i] + first;
+        if (unit.kind == UNIT_IR_MUL) {
+            if (D == nullptr) {
+                for (int64_t a = 0; a < K; a++) emit<T, PF>(d + a * P, row + a * unit.step, P, stream);
+            } else {
+                for (int64_t a = 0; a < K; a++) {
+                    combine<T, PF>(work, row, P, unit.step, d_row(D, a));
+                    emit<T, PF>(d + a * P, work, P, stream);
+                }
+            }
+        } else if (unit.kind == UNIT_MUL_IR) {
+            // [P, 2l+1] columns, transposed into the block row (then D)
+            T* __restrict__ into = (stream || D != nullptr) ? work : d;
+            transpose(row, P, K, into);
+            if (D != nullptr) {
+                T* __restrict__ rotated = stream ? work + K * P : d;
+                for (int64_t a = 0; a < K; a++) {
+                    combine<T, PF>(rotated + a * P, work, P, P, d_row(D, a));
+                }
+                if (stream) emit<T, 0>(d, rotated, K * P, true);
+            } else if (stream) {
+                emit<T, 0>(d, work, K * P, true);
+            }
+        } else {
+            get_generic<T>(b, rows[i], D, work, d);
+        }
+    }
 }
 
 #define RASCALINE_E3NN_BY_PROPERTIES(P, CALL) \
@@ -386,9 +608,16 @@ inline void stream_row(T* __restrict__ dst, const T* __restrict__ src, int64_t n
     }
 
 template <typename T>
-const Sparse<T>* basis_of(const std::vector<Sparse<T>>& basis, const Block& b) {
-    return (!basis.empty() && b.l >= 1) ? &basis[b.l] : nullptr;
+const Sparse<T>* basis_of(const std::vector<Sparse<T>>& basis, int64_t l) {
+    return (!basis.empty() && l >= 1) ? &basis[l] : nullptr;
 }
+
+// rows of a group per task of at::parallel_for
+constexpr int64_t GRAIN = 16;
+
+// from_irreps: rows read in chunks of CHUNK (their flat rows stay cached while every
+// block takes its values from them)
+constexpr int64_t CHUNK = 16;
 
 // maps[slot]: for blocks that lack some rows of their group, the block row of every
 // group row (-1: absent, zeros), or nullptr when the block has every row in order
@@ -411,54 +640,59 @@ void scatter_kernel(
         }
         // columns that no present block of this group writes: zero
         auto holes = holes_of(plan, g, dim);
-        std::vector<const T*> sources;
-        std::vector<const int64_t*> member_maps;
-        for (auto bi: members) {
-            sources.push_back(values[plan.blocks[bi].slot].template data_ptr<T>());
-            member_maps.push_back(maps[plan.blocks[bi].slot]);
-        }
-        const int64_t* rows = position + plan.group_start[g];
-        at::parallel_for(0, n, CHUNK, [&](int64_t begin, int64_t end) {
-            std::vector<T> tmp(plan.max_k * std::max<int64_t>(plan.max_props, 1));
-            const std::vector<T> zeros(plan.max_k * std::max<int64_t>(plan.max_props, 1), 0);
-            std::vector<T> staging(CHUNK * dim);
-            for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
-                auto c1 = std::min(end, c0 + CHUNK);
-                for (int64_t i = c0; i < c1; i++) {
-                    for (const auto& h: holes) {
-                        std::memset(staging.data() + (i - c0) * dim + h.first, 0, h.second * sizeof(T));
-                    }
-                }
-                for (size_t j = 0; j < members.size(); j++) {
-                    const auto& b = plan.blocks[members[j]];
-                    auto size = (2 * b.l + 1) * b.n_props;
-                    auto D = basis_of(basis, b);
-                    const int64_t* map = member_maps[j];
-#define RASCALINE_E3NN_PUT(PF) \
-                    if (map == nullptr) { \
-                        put_rows<T, PF>(b, sources[j] + c0 * size, c1 - c0, D, tmp.data(), staging.data(), dim); \
-                    } else { \
-                        for (int64_t i = c0; i < c1; i++) { \
-                            T* row = staging.data() + (i - c0) * dim; \
-                            if (map[i] < 0) { \
-                                put_rows<T, PF>(b, zeros.data(), 1, nullptr, tmp.data(), row, dim); \
-                            } else { \
-                                put_rows<T, PF>(b, sources[j] + map[i] * size, 1, D, tmp.data(), row, dim); \
-                            } \
-                        } \
-                    }
-                    RASCALINE_E3NN_BY_PROPERTIES(b.n_props, RASCALINE_E3NN_PUT)
-#undef RASCALINE_E3NN_PUT
-                }
-                for (int64_t i = c0; i < c1; i++) {
-                    stream_row(out + rows[i] * dim, staging.data() + (i - c0) * dim, dim);
+        auto units = row_program(plan, g);
+        // non-temporal stores where every run of a unit starts on 16 bytes
+        auto aligned = [&](int64_t column) { return (column * static_cast<int64_t>(sizeof(T))) % 16 == 0; };
+        bool rows_aligned = reinterpret_cast<uintptr_t>(out) % 16 == 0 && aligned(dim);
+        for (auto& unit: units) {
+            auto K = 2 * unit.l + 1;
+            unit.stream = rows_aligned && unit.props > 0;
+            for (auto k: unit.members) {
+                const auto& b = plan.blocks[members[k]];
+                if (unit.kind == UNIT_IR_MUL) {
+                    unit.stream = unit.stream && aligned(b.first) && aligned(unit.step) && aligned(b.n_props);
+                } else if (unit.kind == UNIT_MUL_IR) {
+                    unit.stream = unit.stream && aligned(unit.firsts[0]) && aligned(unit.run);
+                } else {
+                    unit.stream = false;
                 }
             }
+        }
+        std::vector<const T*> sources;
+        std::vector<const int64_t*> member_maps;
+        std::vector<int64_t> sizes;
+        for (auto bi: members) {
+            const auto& b = plan.blocks[bi];
+            sources.push_back(values[b.slot].template data_ptr<T>());
+            member_maps.push_back(maps[b.slot]);
+            sizes.push_back((2 * b.l + 1) * b.n_props);
+        }
+        const int64_t* rows = position + plan.group_start[g];
+        at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+            std::vector<const T*> src(members.size());
+            std::vector<T> work(dim + plan.max_k * std::max<int64_t>(plan.max_props, 1));
+            for (int64_t i = begin; i < end; i++) {
+                T* row = out + rows[i] * dim;
+                for (const auto& h: holes) {
+                    std::memset(row + h.first, 0, h.second * sizeof(T));
+                }
+                for (size_t k = 0; k < members.size(); k++) {
+                    const int64_t* map = member_maps[k];
+                    auto r = map == nullptr ? i : map[i];
+                    src[k] = r < 0 ? nullptr : sources[k] + r * sizes[k];
+                }
+                for (const auto& unit: units) {
+                    auto D = basis_of(basis, unit.l);
+#define RASCALINE_E3NN_PUT(PF) put_unit<T, PF>(unit, plan, members, src.data(), D, work.data(), row)
+                    RASCALINE_E3NN_BY_PROPERTIES(unit.props, RASCALINE_E3NN_PUT)
+#undef RASCALINE_E3NN_PUT
+                }
+            }
+#if defined(__SSE2__)
+            _mm_sfence();  // this thread's non-temporal stores, before anyone reads them
+#endif
         });
     }
-#if defined(__SSE2__)
-    _mm_sfence();
-#endif
 }
 
 template <typename T>
@@ -478,40 +712,53 @@ void gather_kernel(
         if (n == 0 || members.empty()) {
             continue;
         }
+        auto units = row_program(plan, g);
         std::vector<T*> targets;
         std::vector<const int64_t*> member_maps;
+        std::vector<int64_t> sizes;
         for (auto bi: members) {
-            targets.push_back(values[plan.blocks[bi].slot].template data_ptr<T>());
-            member_maps.push_back(maps[plan.blocks[bi].slot]);
+            const auto& b = plan.blocks[bi];
+            targets.push_back(values[b.slot].template data_ptr<T>());
+            member_maps.push_back(maps[b.slot]);
+            sizes.push_back((2 * b.l + 1) * b.n_props);
         }
-        const int64_t* rows = position + plan.group_start[g];
-        at::parallel_for(0, n, CHUNK, [&](int64_t begin, int64_t end) {
-            std::vector<T> tmp(plan.max_k * std::max<int64_t>(plan.max_props, 1));
-            std::vector<T> staging(CHUNK * dim);
+        // non-temporal stores into a block where its rows and runs start on 16 bytes
+        auto aligned = [&](int64_t count) { return (count * static_cast<int64_t>(sizeof(T))) % 16 == 0; };
+        std::vector<bool> stream(members.size(), false);
+        for (const auto& unit: units) {
+            for (auto k: unit.members) {
+                const auto& b = plan.blocks[members[k]];
+                stream[k] = reinterpret_cast<uintptr_t>(targets[k]) % 16 == 0 && aligned(sizes[k])
+                    && ((unit.kind == UNIT_IR_MUL && aligned(b.n_props)) || unit.kind == UNIT_MUL_IR);
+            }
+        }
+        const int64_t* positions = position + plan.group_start[g];
+        at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+            std::vector<const T*> rows(CHUNK);
+            std::vector<T*> dst(CHUNK);
+            std::vector<T> work(2 * plan.max_k * std::max<int64_t>(plan.max_props, 1));
             for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
                 auto c1 = std::min(end, c0 + CHUNK);
-                for (int64_t i = c0; i < c1; i++) {
-                    copy_row(staging.data() + (i - c0) * dim, x + rows[i] * dim, dim);
-                }
-                for (size_t j = 0; j < members.size(); j++) {
-                    const auto& b = plan.blocks[members[j]];
-                    auto size = (2 * b.l + 1) * b.n_props;
-                    auto D = basis_of(basis, b);
-                    const int64_t* map = member_maps[j];
-#define RASCALINE_E3NN_GET(PF) \
-                    if (map == nullptr) { \
-                        get_rows<T, PF>(b, staging.data(), c1 - c0, dim, D, tmp.data(), targets[j] + c0 * size); \
-                    } else { \
-                        for (int64_t i = c0; i < c1; i++) { \
-                            if (map[i] >= 0) { \
-                                get_rows<T, PF>(b, staging.data() + (i - c0) * dim, 1, dim, D, tmp.data(), targets[j] + map[i] * size); \
-                            } \
-                        } \
-                    }
-                    RASCALINE_E3NN_BY_PROPERTIES(b.n_props, RASCALINE_E3NN_GET)
+                for (int64_t i = c0; i < c1; i++) rows[i - c0] = x + positions[i] * dim;
+                for (const auto& unit: units) {
+                    auto D = basis_of(basis, unit.l);
+                    for (size_t j = 0; j < unit.members.size(); j++) {
+                        auto k = unit.members[j];
+                        const int64_t* map = member_maps[k];
+                        for (int64_t i = c0; i < c1; i++) {
+                            auto r = map == nullptr ? i : map[i];
+                            dst[i - c0] = r < 0 ? nullptr : targets[k] + r * sizes[k];
+                        }
+                        const auto& b = plan.blocks[members[k]];
+#define RASCALINE_E3NN_GET(PF) get_member<T, PF>(unit, j, b, rows.data(), dst.data(), c1 - c0, D, work.data(), stream[k])
+                        RASCALINE_E3NN_BY_PROPERTIES(unit.props, RASCALINE_E3NN_GET)
 #undef RASCALINE_E3NN_GET
+                    }
                 }
             }
+#if defined(__SSE2__)
+            _mm_sfence();  // this thread's non-temporal stores, before anyone reads them
+#endif
         });
     }
 }
