@@ -21,6 +21,7 @@ import json
 import os
 import platform
 import random
+import resource
 import statistics
 import sys
 import time
@@ -300,13 +301,25 @@ def measure(
         for _ in range(3):
             f()
     times: Dict[str, List[float]] = {name: [] for name in variants}
+    faults: Dict[str, List[int]] = {name: [0, 0] for name in variants}  # faults, calls
     names = list(variants)
     rng = random.Random(0)
     for _ in range(rounds):
         rng.shuffle(names)
         for name in names:
-            times[name].extend(timers[name].blocked_autorange(min_run_time=min_run_time).times)
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            m = timers[name].blocked_autorange(min_run_time=min_run_time)
+            faults[name][0] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+            faults[name][1] += m.number_per_run * len(m.raw_times)
+            times[name].extend(m.times)
+    for name, (count, calls) in faults.items():
+        FAULTS[name] = count / max(calls, 1)
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+#: minor page faults per call of every variant during its timing (fresh memory
+#: pages: on this VM about 2.5 us each), filled by measure()
+FAULTS: Dict[str, float] = {}
 
 
 def forward_backward(
@@ -467,7 +480,8 @@ def print_table(results: Dict[str, float], info: Dict[str, dict]) -> None:
             chain[(i["direction"], i["dtype"], i["basis"], i["layout"], i["mode"])] = results[n]
     header = (
         f"| {'direction':<13} | {'dtype':<7} | {'basis':<8} | {'layout':<6} | {'pass':<7} | "
-        f"{'impl':<12} | {'median':>10} | {'ratio to clone':>14} | {'speed-up vs chain':>17} |"
+        f"{'impl':<12} | {'median':>10} | {'ratio to clone':>14} | {'speed-up vs chain':>17} | "
+        f"{'faults/call':>11} |"
     )
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
@@ -488,7 +502,7 @@ def print_table(results: Dict[str, float], info: Dict[str, dict]) -> None:
         print(
             f"| {i['direction']:<13} | {i['dtype']:<7} | {i['basis']:<8} | {i['layout']:<6} | "
             f"{i['mode']:<7} | {i['impl']:<12} | {fmt_time(t):>10} | {ratio:>14.2f} | "
-            f"{speedup:>17} |"
+            f"{speedup:>17} | {FAULTS.get(n, float('nan')):>11.1f} |"
         )
 
 
@@ -1013,6 +1027,8 @@ def main(argv=None) -> None:
     )
     print("median per call; ratio = time / time of a clone of the same bytes; "
           "speed-up = chain time / this time (same direction, dtype, basis, layout, pass)")
+    print("faults/call: minor page faults per call while it was timed (memory pages "
+          "touched for the first time since the OS mapped them: ~2.5 us each on this VM)")
     print("fwd+bwd: chain and eager from Python (backward of the output, or "
           "torch.autograd.backward over every output block); script and script-fused: "
           "the whole step in TorchScript (StepToIrreps / StepToTensorMap)\n")
