@@ -632,7 +632,8 @@ def print_memory(args) -> None:
         f"\ntorch's CPU allocator during the call above the level at entry (profiler"
         f"\nprofile_memory events), 'output' = still allocated after the call, 'extra' ="
         f"\npeak - output (transient intermediates). Rust-side metatensor Labels and the"
-        f"\nfused kernel's per-thread staging rows (malloc, 16 rows each) are not seen."
+        f"\nfused kernel's per-thread work buffers (malloc, about one flat row each) are"
+        f"\nnot seen."
         f"\n'faults' = minor page faults per call in a loop of calls (fresh 4 KiB pages the"
         f"\nkernel had to map: glibc gave the memory back to the OS between calls).\n"
     )

@@ -181,6 +181,39 @@ def test_samples_fused_equals_torch(tensor, scripted):
     assert actual.values.dtype == torch.int32
 
 
+@pytest.mark.parametrize("basis", ["featomic", "e3nn"])
+def test_batch_with_unsorted_block_samples(basis):
+    """The kernel merges a center type's sorted sample lists (featomic's); blocks
+    whose samples are not sorted take its sort instead: both give the default path's
+    rows and values."""
+    batch = spherical_expansion(max_angular=2, max_radial=1)(molecules())
+    template = TensorMapToIrreps(batch, basis=basis, kernel="torch")
+    blocks = []
+    shuffled = 0
+    for i, block in enumerate(batch.blocks()):
+        n = len(block.samples)
+        order = torch.arange(n)
+        if n > 2 and i % 2 == 0:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(i))
+            shuffled += 1
+        blocks.append(TensorBlock(
+            values=block.values[order],
+            samples=Labels(block.samples.names, block.samples.values[order]),
+            components=block.components,
+            properties=block.properties,
+        ))
+    assert shuffled > 0
+    tensor = TensorMap(batch.keys, blocks)
+    for source in (batch, tensor):
+        fused = TensorMapToIrreps(tensor, basis=basis, kernel="fused")
+        assert fused._fused_map(source)[0]  # handled by the kernel
+        expected = template(source)
+        _exact_or_close(fused(source), expected, basis)
+        assert fused.samples(source) == template.samples(source)
+        # the shuffled map gives the same rows as featomic's (rows are sorted)
+        _exact_or_close(fused(source), template(batch), basis)
+
+
 def test_auto_falls_back_when_the_kernel_is_unavailable():
     """RASCALINE_E3NN_KERNEL=torch stands for a machine where the build fails:
     "auto" falls back to PyTorch operators, "fused" says why it cannot."""

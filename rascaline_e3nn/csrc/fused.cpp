@@ -1167,42 +1167,99 @@ Collected collect_map(
         for (int64_t i = 0; i < n_in; i++) {
             if (block_group[slots[i]] == g) members.push_back(i);
         }
-        // every (member, row), sorted by sample values then member
-        std::vector<std::pair<int64_t, int64_t>> refs;
-        for (int64_t j = 0; j < static_cast<int64_t>(members.size()); j++) {
-            for (int64_t r = 0; r < block_samples[members[j]].size(0); r++) refs.emplace_back(j, r);
-        }
         std::vector<const int32_t*> member_samples;
-        for (auto i: members) member_samples.push_back(block_samples[i].data_ptr<int32_t>());
-        auto row_of = [&](const std::pair<int64_t, int64_t>& ref) {
-            return member_samples[ref.first] + ref.second * n_sample_dims;
-        };
-        auto compare = [&](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
-            const int32_t* ra = row_of(a);
-            const int32_t* rb = row_of(b);
+        std::vector<int64_t> member_rows;
+        for (auto i: members) {
+            member_samples.push_back(block_samples[i].data_ptr<int32_t>());
+            member_rows.push_back(block_samples[i].size(0));
+        }
+        auto less_row = [&](const int32_t* a, const int32_t* b) {
             for (int64_t c = 0; c < n_sample_dims; c++) {
-                if (ra[c] != rb[c]) return ra[c] < rb[c] ? -1 : 1;
+                if (a[c] != b[c]) return a[c] < b[c];
             }
-            return 0;
+            return false;
         };
-        std::sort(refs.begin(), refs.end(), [&](const auto& a, const auto& b) {
-            auto c = compare(a, b);
-            return c != 0 ? c < 0 : a.first < b.first;
-        });
+        // every member's samples strictly increasing (and rows to compare)
+        bool increasing = n_sample_dims > 0;
+        for (size_t j = 0; j < members.size() && increasing; j++) {
+            for (int64_t r = 1; r < member_rows[j] && increasing; r++) {
+                increasing = less_row(member_samples[j] + (r - 1) * n_sample_dims,
+                                      member_samples[j] + r * n_sample_dims);
+            }
+        }
         std::vector<int32_t> union_values;
         std::vector<std::vector<int64_t>> maps(members.size());
         int64_t u = -1;
-        for (size_t k = 0; k < refs.size(); k++) {
-            if (k == 0 || compare(refs[k - 1], refs[k]) != 0) {
-                u += 1;
-                const int32_t* row = row_of(refs[k]);
-                union_values.insert(union_values.end(), row, row + n_sample_dims);
-            } else if (refs[k - 1].first == refs[k].first) {
-                return not_fast;  // a block with duplicated samples: named by the detailed path
+        if (increasing) {
+            // featomic's case: merge the sorted lists one after the other (linear in
+            // the union per member), then walk every member along the union
+            std::vector<int32_t> merged;
+            for (size_t j = 0; j < members.size(); j++) {
+                merged.clear();
+                const int32_t* x = union_values.data();
+                const int32_t* y = member_samples[j];
+                int64_t nx = static_cast<int64_t>(union_values.size()) / std::max<int64_t>(n_sample_dims, 1);
+                int64_t ny = member_rows[j];
+                int64_t ix = 0, iy = 0;
+                while (ix < nx || iy < ny) {
+                    const int32_t* rx = x + ix * n_sample_dims;
+                    const int32_t* ry = y + iy * n_sample_dims;
+                    if (iy == ny || (ix < nx && less_row(rx, ry))) {
+                        merged.insert(merged.end(), rx, rx + n_sample_dims);
+                        ix++;
+                    } else {
+                        if (ix < nx && !less_row(ry, rx)) ix++;  // the same row in both
+                        merged.insert(merged.end(), ry, ry + n_sample_dims);
+                        iy++;
+                    }
+                }
+                union_values.swap(merged);
             }
-            auto& map = maps[refs[k].first];
-            map.resize(u + 1, -1);
-            map[u] = refs[k].second;
+            u = static_cast<int64_t>(union_values.size()) / std::max<int64_t>(n_sample_dims, 1) - 1;
+            for (size_t j = 0; j < members.size(); j++) {
+                maps[j].assign(u + 1, -1);
+                int64_t r = 0;
+                for (int64_t k = 0; k <= u && r < member_rows[j]; k++) {
+                    const int32_t* row = member_samples[j] + r * n_sample_dims;
+                    if (!less_row(row, union_values.data() + k * n_sample_dims)
+                        && !less_row(union_values.data() + k * n_sample_dims, row)) {
+                        maps[j][k] = r++;
+                    }
+                }
+            }
+        } else {
+            // every (member, row), sorted by sample values then member
+            std::vector<std::pair<int64_t, int64_t>> refs;
+            for (int64_t j = 0; j < static_cast<int64_t>(members.size()); j++) {
+                for (int64_t r = 0; r < member_rows[j]; r++) refs.emplace_back(j, r);
+            }
+            auto row_of = [&](const std::pair<int64_t, int64_t>& ref) {
+                return member_samples[ref.first] + ref.second * n_sample_dims;
+            };
+            auto compare = [&](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
+                const int32_t* ra = row_of(a);
+                const int32_t* rb = row_of(b);
+                for (int64_t c = 0; c < n_sample_dims; c++) {
+                    if (ra[c] != rb[c]) return ra[c] < rb[c] ? -1 : 1;
+                }
+                return 0;
+            };
+            std::sort(refs.begin(), refs.end(), [&](const auto& a, const auto& b) {
+                auto c = compare(a, b);
+                return c != 0 ? c < 0 : a.first < b.first;
+            });
+            for (size_t k = 0; k < refs.size(); k++) {
+                if (k == 0 || compare(refs[k - 1], refs[k]) != 0) {
+                    u += 1;
+                    const int32_t* row = row_of(refs[k]);
+                    union_values.insert(union_values.end(), row, row + n_sample_dims);
+                } else if (refs[k - 1].first == refs[k].first) {
+                    return not_fast;  // a block with duplicated samples: named by the detailed path
+                }
+                auto& map = maps[refs[k].first];
+                map.resize(u + 1, -1);
+                map[u] = refs[k].second;
+            }
         }
         auto n_union = u + 1;
         auto union_tensor = torch::empty({n_union, n_sample_dims}, torch::kInt32);
