@@ -12,6 +12,7 @@ functions: 63 blocks, 9.4 MB of float32 values, featomic's exact metadata.
     python benchmarks/bench_adapters.py --threads 2       # the same with 2 torch threads
     python benchmarks/bench_adapters.py --check-overhead  # cost of check=True
     python benchmarks/bench_adapters.py --page-cost       # first-touch cost of fresh memory pages
+    python benchmarks/bench_adapters.py --bandwidth       # the clone in cache vs copies out of cache
     python benchmarks/bench_adapters.py --sweep           # size / lmax sweep -> sweep.json
     python benchmarks/plot.py                             # sweep.json -> scaling.png
 """
@@ -721,6 +722,35 @@ def page_cost(args) -> None:
         print(f"| {label:<42} | {fmt_time(r[name]):>9} | {page_faults(variants[name]):>13.0f} |")
 
 
+def bandwidth(args) -> None:
+    """Where a copy of the reference bytes runs: the clone baseline (one buffer read
+    and one written, both reused by the loop, so both stay in the cache) against
+    copies too large for the caches (8x the reference bytes, preallocated: no fresh
+    pages), and a write-only fill of the same size; times per reference-sized amount."""
+    tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial)
+    n = nbytes(tensor) // 4
+    big = 8 * n
+    src, dst = torch.randn(n), torch.empty(n)
+    big_src, big_dst = torch.randn(big), torch.empty(big)
+    variants = {
+        "clone": lambda: src.clone(),
+        "copy_ in cache": lambda: dst.copy_(src),
+        "copy_ 8x, out of cache": lambda: big_dst.copy_(big_src),
+        "fill_ 8x, out of cache": lambda: big_dst.fill_(1.0),
+    }
+    r = measure(variants, args.rounds, args.min_run_time, args.threads)
+    size = n * 4
+    print(f"\nreference bytes: {size / 1e6:.2f} MB float32; times per {size / 1e6:.2f} MB")
+    print(f"\n| {'operation':<24} | {'per 9.4 MB':>10} | {'GB/s read + written':>19} | {'ratio to clone':>14} |")
+    print(f"|{'-' * 26}|{'-' * 12}|{'-' * 21}|{'-' * 16}|")
+    for name in variants:
+        scale = 8 if "8x" in name else 1
+        t = r[name] / scale
+        moved = size * (1 if name.startswith("fill") else 2)
+        print(f"| {name:<24} | {fmt_time(t):>10} | {moved / t / 1e9:>19.1f} | "
+              f"{t / r['clone']:>14.2f} |")
+
+
 # ---------------------------------------------------------------------- host syncs
 
 
@@ -984,6 +1014,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sweep", action="store_true",
                         help="only run the size/lmax sweep, writing benchmarks/sweep.json")
     parser.add_argument("--sweep-rounds", type=int, default=3)
+    parser.add_argument("--bandwidth", action="store_true",
+                        help="only: the clone baseline against copies and a fill too "
+                        "large for the caches")
     parser.add_argument("--featomic", action="store_true",
                         help="only: real featomic SphericalExpansion batches (blocks of a "
                         "center type with different samples)")
@@ -1000,6 +1033,9 @@ def main(argv=None) -> None:
         return
     if args.featomic:
         featomic_batch(args)
+        return
+    if args.bandwidth:
+        bandwidth(args)
         return
     if args.page_cost:
         page_cost(args)
