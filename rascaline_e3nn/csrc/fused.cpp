@@ -211,60 +211,6 @@ int64_t max_l_of(const Plan& plan) {
     return (plan.max_k - 1) / 2;
 }
 
-// A block with columns in no regular pattern (a GENERIC unit), one row: its values
-// (`src`, [2l+1, P], featomic basis) into their columns of `row`; with D, through
-// `tmp` (2l+1 x P values): x_e3nn[a] = sum_b D[a, b] x[b]
-template <typename T>
-void put_generic(const Block& b, const T* __restrict__ src, const Sparse<T>* D,
-                 T* __restrict__ tmp, T* __restrict__ row) {
-    const int64_t K = 2 * b.l + 1;
-    const int64_t P = b.n_props;
-    const T* __restrict__ from = src;
-    if (D != nullptr) {
-        for (int64_t a = 0; a < K; a++) {
-            T* __restrict__ acc = tmp + a * P;
-            for (int64_t p = 0; p < P; p++) acc[p] = 0;
-            for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                const T* __restrict__ s = src + D->idx[e] * P;
-                T d = D->val[e];
-                for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
-            }
-        }
-        from = tmp;
-    }
-    for (int64_t p = 0; p < P; p++) {
-        T* dst = row + b.columns[2 * p];
-        auto step = b.columns[2 * p + 1];
-        for (int64_t m = 0; m < K; m++) dst[m * step] = from[m * P + p];
-    }
-}
-
-// the same, back: the columns of a GENERIC block in `row` into its values (`dst`,
-// [2l+1, P], featomic basis); D lists the transpose: x[a] = sum_b D[b, a] x_e3nn[b]
-template <typename T>
-void get_generic(const Block& b, const T* __restrict__ row, const Sparse<T>* D,
-                 T* __restrict__ tmp, T* __restrict__ dst) {
-    const int64_t K = 2 * b.l + 1;
-    const int64_t P = b.n_props;
-    T* __restrict__ into = D != nullptr ? tmp : dst;
-    for (int64_t p = 0; p < P; p++) {
-        const T* s = row + b.columns[2 * p];
-        auto step = b.columns[2 * p + 1];
-        for (int64_t m = 0; m < K; m++) into[m * P + p] = s[m * step];
-    }
-    if (D != nullptr) {
-        for (int64_t a = 0; a < K; a++) {
-            T* __restrict__ acc = dst + a * P;
-            for (int64_t p = 0; p < P; p++) acc[p] = 0;
-            for (auto e = D->ptr[a]; e < D->ptr[a + 1]; e++) {
-                const T* __restrict__ s = tmp + D->idx[e] * P;
-                T d = D->val[e];
-                for (int64_t p = 0; p < P; p++) acc[p] += d * s[p];
-            }
-        }
-    }
-}
-
 // ---------------------------------------------------------------- row programs
 //
 // to_irreps writes every flat row in one pass, in column order, straight from the
@@ -457,6 +403,46 @@ RASCALINE_E3NN_INLINE void transpose(const double* __restrict__ src, int64_t row
 #endif
     for (; r0 < rows; r0++) {
         for (int64_t c = 0; c < cols; c++) dst[c * rows + r0] = src[r0 * cols + c];
+    }
+}
+
+// A block with columns in no regular pattern (a GENERIC unit), one row: its values
+// (`src`, [2l+1, P], featomic basis) into their columns of `row`; with D, through
+// `tmp` (2l+1 x P values): x_e3nn[a] = sum_b D[a, b] x[b]
+template <typename T>
+RASCALINE_E3NN_INLINE void put_generic(const Block& b, const T* __restrict__ src,
+                                       const Sparse<T>* D, T* __restrict__ tmp,
+                                       T* __restrict__ row) {
+    const int64_t K = 2 * b.l + 1;
+    const int64_t P = b.n_props;
+    const T* __restrict__ from = src;
+    if (D != nullptr) {
+        for (int64_t a = 0; a < K; a++) combine<T, 0>(tmp + a * P, src, P, P, d_row(D, a));
+        from = tmp;
+    }
+    for (int64_t p = 0; p < P; p++) {
+        T* dst = row + b.columns[2 * p];
+        auto step = b.columns[2 * p + 1];
+        for (int64_t m = 0; m < K; m++) dst[m * step] = from[m * P + p];
+    }
+}
+
+// the same, back: the columns of a GENERIC block in `row` into its values (`dst`,
+// [2l+1, P], featomic basis); D lists the transpose: x[a] = sum_b D[b, a] x_e3nn[b]
+template <typename T>
+RASCALINE_E3NN_INLINE void get_generic(const Block& b, const T* __restrict__ row,
+                                       const Sparse<T>* D, T* __restrict__ tmp,
+                                       T* __restrict__ dst) {
+    const int64_t K = 2 * b.l + 1;
+    const int64_t P = b.n_props;
+    T* __restrict__ into = D != nullptr ? tmp : dst;
+    for (int64_t p = 0; p < P; p++) {
+        const T* s = row + b.columns[2 * p];
+        auto step = b.columns[2 * p + 1];
+        for (int64_t m = 0; m < K; m++) into[m * P + p] = s[m * step];
+    }
+    if (D != nullptr) {
+        for (int64_t a = 0; a < K; a++) combine<T, 0>(dst + a * P, tmp, P, P, d_row(D, a));
     }
 }
 
