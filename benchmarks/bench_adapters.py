@@ -308,13 +308,20 @@ def measure(
     for _ in range(rounds):
         rng.shuffle(names)
         for name in names:
-            before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            m = timers[name].blocked_autorange(min_run_time=min_run_time)
-            faults[name][0] += resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
-            faults[name][1] += m.number_per_run * len(m.raw_times)
+            # faults between the end of the first timed block and the end of the
+            # last (the warm-up of blocked_autorange and the first block excluded)
+            marks: List[Tuple[int, int]] = []
+
+            def mark(number, _time):
+                marks.append((resource.getrusage(resource.RUSAGE_SELF).ru_minflt, number))
+
+            m = timers[name].blocked_autorange(callback=mark, min_run_time=min_run_time)
+            if len(marks) > 1:
+                faults[name][0] += marks[-1][0] - marks[0][0]
+                faults[name][1] += sum(number for _, number in marks[1:])
             times[name].extend(m.times)
     for name, (count, calls) in faults.items():
-        FAULTS[name] = count / max(calls, 1)
+        FAULTS[name] = count / calls if calls > 0 else float("nan")
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -1092,8 +1099,9 @@ def main(argv=None) -> None:
     )
     print("median per call; ratio = time / time of a clone of the same bytes; "
           "speed-up = chain time / this time (same direction, dtype, basis, layout, pass)")
-    print("faults/call: minor page faults per call while it was timed (memory pages "
-          "touched for the first time since the OS mapped them: ~2.5 us each on this VM)")
+    print("faults/call: minor page faults per call while it was timed (after "
+          "blocked_autorange's warm-up and first block; memory pages touched for the first "
+          "time since the OS mapped them: ~2.5 us each on this VM)")
     print("fwd+bwd: chain and eager from Python (backward of the output, or "
           "torch.autograd.backward over every output block); script and script-fused: "
           "the whole step in TorchScript (StepToIrreps / StepToTensorMap)\n")
