@@ -605,6 +605,30 @@ constexpr int64_t GRAIN = 16;
 // block takes its values from them)
 constexpr int64_t CHUNK = 16;
 
+// The values of a group's members (blocks): for group row i, member k's row in its
+// values, or nullptr when it has no entry (row maps)
+template <typename T>
+struct MemberRows {
+    std::vector<T*> values;
+    std::vector<const int64_t*> maps;  // nullptr: every group row, in order
+    std::vector<int64_t> sizes;        // values per row
+
+    MemberRows(const Plan& plan, const std::vector<int64_t>& members,
+               const std::vector<Tensor>& tensors, const std::vector<const int64_t*>& row_maps) {
+        for (auto bi: members) {
+            const auto& b = plan.blocks[bi];
+            values.push_back(tensors[b.slot].template data_ptr<T>());
+            maps.push_back(row_maps[b.slot]);
+            sizes.push_back((2 * b.l + 1) * b.n_props);
+        }
+    }
+
+    T* at(size_t k, int64_t i) const {
+        auto r = maps[k] == nullptr ? i : maps[k][i];
+        return r < 0 ? nullptr : values[k] + r * sizes[k];
+    }
+};
+
 // maps[slot]: for blocks that lack some rows of their group, the block row of every
 // group row (-1: absent, zeros), or nullptr when the block has every row in order
 template <typename T>
@@ -627,32 +651,22 @@ void scatter_kernel(
         // columns that no present block of this group writes: zero
         auto holes = holes_of(plan, g, dim);
         auto units = row_program(plan, g);
-        // non-temporal stores where every run of a unit starts on 16 bytes
+        // non-temporal stores where every run of a unit starts on 16 bytes (units
+        // with a common number of properties: IR_MUL runs are that long)
         auto aligned = [&](int64_t column) { return (column * static_cast<int64_t>(sizeof(T))) % 16 == 0; };
         bool rows_aligned = reinterpret_cast<uintptr_t>(out) % 16 == 0 && aligned(dim);
         for (auto& unit: units) {
-            auto K = 2 * unit.l + 1;
             unit.stream = rows_aligned && unit.props > 0;
-            for (auto k: unit.members) {
-                const auto& b = plan.blocks[members[k]];
-                if (unit.kind == UNIT_IR_MUL) {
-                    unit.stream = unit.stream && aligned(b.first) && aligned(unit.step) && aligned(b.n_props);
-                } else if (unit.kind == UNIT_MUL_IR) {
-                    unit.stream = unit.stream && aligned(unit.firsts[0]) && aligned(unit.run);
-                } else {
-                    unit.stream = false;
-                }
+            if (unit.kind == UNIT_IR_MUL) {
+                unit.stream = unit.stream && aligned(unit.step) && aligned(unit.props);
+                for (auto first: unit.firsts) unit.stream = unit.stream && aligned(first);
+            } else if (unit.kind == UNIT_MUL_IR) {
+                unit.stream = unit.stream && aligned(unit.firsts[0]) && aligned(unit.run);
+            } else {
+                unit.stream = false;
             }
         }
-        std::vector<const T*> sources;
-        std::vector<const int64_t*> member_maps;
-        std::vector<int64_t> sizes;
-        for (auto bi: members) {
-            const auto& b = plan.blocks[bi];
-            sources.push_back(values[b.slot].template data_ptr<T>());
-            member_maps.push_back(maps[b.slot]);
-            sizes.push_back((2 * b.l + 1) * b.n_props);
-        }
+        const MemberRows<T> sources(plan, members, values, maps);
         const int64_t* rows = position + plan.group_start[g];
         at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
             std::vector<const T*> src(members.size());
@@ -662,11 +676,7 @@ void scatter_kernel(
                 for (const auto& h: holes) {
                     std::memset(row + h.first, 0, h.second * sizeof(T));
                 }
-                for (size_t k = 0; k < members.size(); k++) {
-                    const int64_t* map = member_maps[k];
-                    auto r = map == nullptr ? i : map[i];
-                    src[k] = r < 0 ? nullptr : sources[k] + r * sizes[k];
-                }
+                for (size_t k = 0; k < members.size(); k++) src[k] = sources.at(k, i);
                 for (const auto& unit: units) {
                     auto D = basis_of(basis, unit.l);
 #define RASCALINE_E3NN_PUT(PF) put_unit<T, PF>(unit, plan, members, src.data(), D, work.data(), row)
@@ -699,22 +709,15 @@ void gather_kernel(
             continue;
         }
         auto units = row_program(plan, g);
-        std::vector<T*> targets;
-        std::vector<const int64_t*> member_maps;
-        std::vector<int64_t> sizes;
-        for (auto bi: members) {
-            const auto& b = plan.blocks[bi];
-            targets.push_back(values[b.slot].template data_ptr<T>());
-            member_maps.push_back(maps[b.slot]);
-            sizes.push_back((2 * b.l + 1) * b.n_props);
-        }
+        const MemberRows<T> targets(plan, members, values, maps);
         // non-temporal stores into a block where its rows and runs start on 16 bytes
         auto aligned = [&](int64_t count) { return (count * static_cast<int64_t>(sizeof(T))) % 16 == 0; };
         std::vector<bool> stream(members.size(), false);
         for (const auto& unit: units) {
             for (auto k: unit.members) {
                 const auto& b = plan.blocks[members[k]];
-                stream[k] = reinterpret_cast<uintptr_t>(targets[k]) % 16 == 0 && aligned(sizes[k])
+                stream[k] = reinterpret_cast<uintptr_t>(targets.values[k]) % 16 == 0
+                    && aligned(targets.sizes[k])
                     && ((unit.kind == UNIT_IR_MUL && aligned(b.n_props)) || unit.kind == UNIT_MUL_IR);
             }
         }
@@ -730,11 +733,7 @@ void gather_kernel(
                     auto D = basis_of(basis, unit.l);
                     for (size_t j = 0; j < unit.members.size(); j++) {
                         auto k = unit.members[j];
-                        const int64_t* map = member_maps[k];
-                        for (int64_t i = c0; i < c1; i++) {
-                            auto r = map == nullptr ? i : map[i];
-                            dst[i - c0] = r < 0 ? nullptr : targets[k] + r * sizes[k];
-                        }
+                        for (int64_t i = c0; i < c1; i++) dst[i - c0] = targets.at(k, i);
                         const auto& b = plan.blocks[members[k]];
 #define RASCALINE_E3NN_GET(PF) get_member<T, PF>(unit, j, b, rows.data(), dst.data(), c1 - c0, D, work.data(), stream[k])
                         RASCALINE_E3NN_BY_PROPERTIES(unit.props, RASCALINE_E3NN_GET)
@@ -1165,6 +1164,9 @@ Collected collect_map(
             }
             return false;
         };
+        auto same_row = [&](const int32_t* a, const int32_t* b) {
+            return std::equal(a, a + n_sample_dims, b);
+        };
         // every member's samples strictly increasing (and rows to compare)
         bool increasing = n_sample_dims > 0;
         for (size_t j = 0; j < members.size() && increasing; j++) {
@@ -1194,7 +1196,7 @@ Collected collect_map(
                         merged.insert(merged.end(), rx, rx + n_sample_dims);
                         ix++;
                     } else {
-                        if (ix < nx && !less_row(ry, rx)) ix++;  // the same row in both
+                        if (ix < nx && same_row(rx, ry)) ix++;  // the same row in both
                         merged.insert(merged.end(), ry, ry + n_sample_dims);
                         iy++;
                     }
@@ -1206,9 +1208,7 @@ Collected collect_map(
                 maps[j].assign(u + 1, -1);
                 int64_t r = 0;
                 for (int64_t k = 0; k <= u && r < member_rows[j]; k++) {
-                    const int32_t* row = member_samples[j] + r * n_sample_dims;
-                    if (!less_row(row, union_values.data() + k * n_sample_dims)
-                        && !less_row(union_values.data() + k * n_sample_dims, row)) {
+                    if (same_row(member_samples[j] + r * n_sample_dims, union_values.data() + k * n_sample_dims)) {
                         maps[j][k] = r++;
                     }
                 }
@@ -1222,20 +1222,12 @@ Collected collect_map(
             auto row_of = [&](const std::pair<int64_t, int64_t>& ref) {
                 return member_samples[ref.first] + ref.second * n_sample_dims;
             };
-            auto compare = [&](const std::pair<int64_t, int64_t>& a, const std::pair<int64_t, int64_t>& b) {
-                const int32_t* ra = row_of(a);
-                const int32_t* rb = row_of(b);
-                for (int64_t c = 0; c < n_sample_dims; c++) {
-                    if (ra[c] != rb[c]) return ra[c] < rb[c] ? -1 : 1;
-                }
-                return 0;
-            };
             std::sort(refs.begin(), refs.end(), [&](const auto& a, const auto& b) {
-                auto c = compare(a, b);
-                return c != 0 ? c < 0 : a.first < b.first;
+                if (same_row(row_of(a), row_of(b))) return a.first < b.first;
+                return less_row(row_of(a), row_of(b));
             });
             for (size_t k = 0; k < refs.size(); k++) {
-                if (k == 0 || compare(refs[k - 1], refs[k]) != 0) {
+                if (k == 0 || !same_row(row_of(refs[k - 1]), row_of(refs[k]))) {
                     u += 1;
                     const int32_t* row = row_of(refs[k]);
                     union_values.insert(union_values.end(), row, row + n_sample_dims);
