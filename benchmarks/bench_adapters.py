@@ -988,6 +988,7 @@ def featomic_batch(args) -> None:
     print(f"| {'batch':<20} | {'blocks':>6} | {'shared samples':>14} | {'MB':>6} | {'clone':>9} | "
           f"{'chain':>9} | {'script':>9} | {'fused':>9} | {'chain/fused':>11} | {'script/fused':>12} |")
     print("|" + "|".join("-" * w for w in (22, 8, 16, 8, 11, 11, 11, 11, 13, 14)) + "|")
+    with_rows: List[str] = []
     for n_systems, n_atoms in ((1, 64), (16, 125)):
         with quiet_stderr():
             tensor = calculator(random_systems(n_systems, n_atoms))
@@ -1009,9 +1010,20 @@ def featomic_batch(args) -> None:
                 "chain": lambda: chain_to_irreps(tensor, "mul_ir", None),
                 "script": lambda: scripted(tensor),
                 "fused": lambda: fused(tensor),
+                "script: forward + samples": lambda: (scripted(tensor), scripted.samples(tensor)),
+                "script: forward_with_samples": lambda: scripted.forward_with_samples(tensor),
+                "fused: forward + samples": lambda: (fused(tensor), fused.samples(tensor)),
+                "fused: forward_with_samples": lambda: fused.forward_with_samples(tensor),
             },
             args.rounds, args.min_run_time, args.threads,
         )
+        for impl in ("script", "fused"):
+            both, one = r[f"{impl}: forward + samples"], r[f"{impl}: forward_with_samples"]
+            with_rows.append(
+                f"| {f'{n_systems} x {n_atoms} atoms':<20} | {impl:<6} | {fmt_time(r[impl]):>9} | "
+                f"{fmt_time(both):>17} | {fmt_time(one):>20} | {both / one:>14.2f}x | "
+                f"{r['chain'] / one:>16.2f}x |"
+            )
         print(
             f"| {f'{n_systems} x {n_atoms} atoms':<20} | {len(tensor):>6} | {str(shared):>14} | "
             f"{size / 1e6:>6.2f} | {fmt_time(r['clone']):>9} | {fmt_time(r['chain']):>9} | "
@@ -1019,6 +1031,14 @@ def featomic_batch(args) -> None:
             f"{r['chain'] / r['fused']:>10.2f}x | {r['script'] / r['fused']:>11.2f}x |",
             flush=True,
         )
+    print("\nthe rows' Labels too (a batch's rows change from call to call): forward() then "
+          "samples(), against forward_with_samples() (the metadata work done once); "
+          "chain: the metatensor chain, whose output carries its samples\n")
+    print(f"| {'batch':<20} | {'impl':<6} | {'forward':>9} | {'forward + samples':>17} | "
+          f"{'forward_with_samples':>20} | {'(f + s) / fws':>15} | {'speed-up vs chain':>17} |")
+    print("|" + "|".join("-" * w for w in (22, 8, 11, 19, 22, 17, 19)) + "|")
+    for row in with_rows:
+        print(row)
 
 
 # ---------------------------------------------------------------------- main

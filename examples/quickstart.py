@@ -72,8 +72,9 @@ def main():
 
     identity = torch.eye(3)
     features = calculator([make_system(identity)])
-    x = model[1](features)
-    print(f"rows: {to_irreps.samples(features).names}, shape {tuple(x.shape)}")
+    # the flat tensor and the Labels of its rows, from one pass over the metadata
+    x, samples = to_irreps.forward_with_samples(features)
+    print(f"rows: {samples.names}, shape {tuple(x.shape)}")
 
     y = model([make_system(identity)])
     R = o3.rand_matrix()
@@ -85,7 +86,7 @@ def main():
         assert error < 1e-10, "the pipeline is not equivariant"
 
     to_tensor_map = IrrepsToTensorMap(irreps_out)
-    prediction = to_tensor_map(y.detach(), to_irreps.samples(features))
+    prediction = to_tensor_map(y.detach(), samples)
     print("prediction back as a TensorMap, in featomic's conventions:")
     print(prediction)
 

@@ -2,7 +2,8 @@
 
 ``rascaline_e3nn/csrc/fused.cpp`` registers TorchScript operators:
 ``to_irreps_map`` / ``from_irreps_map`` read the input TensorMap (or build the output
-one) through metatensor-torch's C++ API, and ``to_irreps`` / ``from_irreps`` move the
+one) through metatensor-torch's C++ API (``samples_map``: the rows' Labels;
+``to_irreps_samples_map``: both at once), and ``to_irreps`` / ``from_irreps`` move the
 values, each the other's backward (the change of basis is orthogonal). It is compiled with
 ``torch.utils.cpp_extension`` against the installed torch the first time a module
 asks for it (``kernel="fused"`` or ``"auto"``) or :func:`library_path` is called
@@ -206,6 +207,30 @@ class FusedOps(torch.nn.Module):
         return torch.ops.rascaline_e3nn.to_irreps_map(
             tensor, key_names, template_keys, sample_names, property_names, block_l,
             block_group, template_properties, group_keys, check, basis, meta, columns, dim,
+        )
+
+    def to_irreps_samples_map(
+        self,
+        tensor: TensorMap,
+        key_names: List[str],
+        template_keys: torch.Tensor,
+        sample_names: List[str],
+        row_key_names: List[str],
+        property_names: List[str],
+        block_l: List[int],
+        block_group: List[int],
+        template_properties: List[torch.Tensor],
+        group_keys: torch.Tensor,
+        check: bool,
+        basis: Optional[torch.Tensor],
+        meta: List[int],
+        columns: List[int],
+        dim: int,
+    ) -> Tuple[bool, torch.Tensor, List[Labels]]:
+        return torch.ops.rascaline_e3nn.to_irreps_samples_map(
+            tensor, key_names, template_keys, sample_names, row_key_names, property_names,
+            block_l, block_group, template_properties, group_keys, check, basis, meta,
+            columns, dim,
         )
 
     def to_irreps(

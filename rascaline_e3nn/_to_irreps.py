@@ -114,6 +114,9 @@ class TensorMapToIrreps(torch.nn.Module):
     tensor([0., 2., 4.], dtype=torch.float64)
     >>> to_irreps.samples(tensor).names
     ['system', 'atom']
+    >>> y, rows = to_irreps.forward_with_samples(tensor)  # both, metadata read once
+    >>> torch.equal(y, x), rows == to_irreps.samples(tensor)
+    (True, True)
     """
 
     _key_names: List[str]
@@ -585,6 +588,30 @@ class TensorMapToIrreps(torch.nn.Module):
         rows, _ = self._rows(group_samples)
         return labels(self._sample_names + self._row_key_names, rows)
 
+    @torch.jit.export
+    def forward_with_samples(self, tensor: TensorMap) -> Tuple[torch.Tensor, Labels]:
+        """``(forward(tensor), samples(tensor))`` in one call, for batches whose rows
+        change from call to call (featomic batches): the metadata work (matching the
+        keys, the union of every center type's samples, the order of the rows) is
+        done once instead of twice."""
+        if self._ops is not None and self._n_blocks > 0 and may_fuse():
+            done, out, found = self._ops.to_irreps_samples_map(
+                tensor, self._key_names, self._keys_host, self._sample_names,
+                self._row_key_names, self._block_prop_names[0], self._block_l,
+                self._block_group, self._properties_of_block, self._group_keys_host,
+                self._check, fused_basis(self._e3nn_basis, self._basis),
+                self._fused_meta, self._fused_columns, self._dim,
+            )
+            if done:
+                if len(found) == 1:
+                    return out, found[0]
+                # rows not unique (check=False): samples() names the problem
+                return out, self.samples(tensor)
+        values, group_samples = self._collect(tensor)
+        rows, position = self._rows(group_samples)
+        out = self._convert(values, group_samples, position)
+        return out, labels(self._sample_names + self._row_key_names, rows)
+
     def forward(self, tensor: TensorMap) -> torch.Tensor:
         if self._ops is not None and self._n_blocks > 0 and may_fuse():
             done, out = self._fused_map(tensor)
@@ -592,7 +619,16 @@ class TensorMapToIrreps(torch.nn.Module):
                 return out
 
         values, group_samples = self._collect(tensor)
+        _, position = self._rows(group_samples)
+        return self._convert(values, group_samples, position)
 
+    def _convert(
+        self,
+        values: List[Optional[torch.Tensor]],
+        group_samples: List[torch.Tensor],
+        position: torch.Tensor,
+    ) -> torch.Tensor:
+        """The flat tensor of the collected block values (rows: ``position``)."""
         dtype = torch.zeros(0).dtype  # the default dtype, when no block is present
         device = self._basis.device
         for v in values:
@@ -600,7 +636,6 @@ class TensorMapToIrreps(torch.nn.Module):
                 dtype = v.dtype
                 device = v.device
                 break
-        _, position = self._rows(group_samples)
         if (
             self._ops is not None
             and device.type == "cpu"

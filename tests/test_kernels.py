@@ -238,3 +238,62 @@ def test_auto_falls_back_when_the_kernel_is_unavailable():
     )
     env = dict(os.environ, RASCALINE_E3NN_KERNEL="torch")
     subprocess.run([sys.executable, "-c", script], check=True, env=env)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "fused"])
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+def test_forward_with_samples_equals_forward_and_samples(tensor, kernel, scripted):
+    """One call for both (the metadata work done once) gives exactly what the two
+    calls give: values, gradients and rows."""
+    module = TensorMapToIrreps(tensor, basis="e3nn", kernel=kernel)
+    calls = []
+    if kernel == "fused" and not scripted:
+        # the fused route: one call of the combined operator, none of the others
+        ops = module._ops
+        for name in ("to_irreps_samples_map", "to_irreps_map", "samples_map"):
+            def spy(*args, _name=name, _op=getattr(ops, name)):
+                calls.append(_name)
+                return _op(*args)
+            setattr(ops, name, spy)
+    if scripted:
+        module = torch.jit.script(module)
+    source, leaves = with_grad(tensor)
+    x, samples = module.forward_with_samples(source)
+    if kernel == "fused" and not scripted:
+        assert calls == ["to_irreps_samples_map"]
+    assert torch.equal(x, module(tensor))
+    assert samples == module.samples(tensor)
+    assert samples.names == ["system", "atom", "center_type"]
+    assert len(samples) == x.shape[0]
+    # gradients reach the input blocks as through forward()
+    weights = torch.randn_like(x)
+    grads = torch.autograd.grad((x * weights).sum(), leaves)
+    other, other_leaves = with_grad(tensor)
+    expected = torch.autograd.grad((module(other) * weights).sum(), other_leaves)
+    for a, b in zip(grads, expected):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("kernel", ["torch", "fused"])
+def test_forward_with_samples_unchecked_duplicates(kernel):
+    """check=False with a duplicated sample (Labels built with assume_unique): forward
+    returns the rows, the rows' Labels cannot exist; forward_with_samples fails as
+    samples() does, instead of returning Labels that drop a row."""
+    tensor = lode(max_angular=1, max_radial=1)([water_sodium()])
+    blocks = []
+    for b in tensor.blocks():
+        samples = Labels(
+            b.samples.names,
+            torch.cat([b.samples.values, b.samples.values[:1]]),
+            assume_unique=True,
+        )
+        values = torch.cat([b.values, b.values[:1]])
+        blocks.append(TensorBlock(values, samples, b.components, b.properties))
+    duplicated = TensorMap(tensor.keys, blocks)
+    module = TensorMapToIrreps(tensor, kernel=kernel, check=False)
+    # one more row per center type (the blocks of a center type share their samples)
+    n_types = len(torch.unique(tensor.keys.column("center_type")))
+    assert module(duplicated).shape[0] == module(tensor).shape[0] + n_types
+    for method in (module.samples, module.forward_with_samples):
+        with pytest.raises(RuntimeError, match="same label entry multiple times"):
+            method(duplicated)

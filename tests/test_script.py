@@ -100,11 +100,13 @@ def test_saved_and_loaded_in_a_fresh_process(tmp_path, tensor, kernel):
         x = to_irreps(inputs)
         (x * weights).sum().backward()
         samples = to_irreps.samples(tensor)
+        both, both_samples = to_irreps.forward_with_samples(tensor)
         y = x.detach().requires_grad_()
         back = to_tensor_map(y, samples)
         sum(b.values.sum() * (i + 1) for i, b in enumerate(back.blocks())).backward()
         torch.save({"x": x.detach(), "grads": [v.grad for v in leaves],
-                    "samples": samples.values, "y_grad": y.grad}, path + "/out.pt")
+                    "samples": samples.values, "y_grad": y.grad, "both": both,
+                    "both_samples": both_samples.values}, path + "/out.pt")
         mts.save(path + "/back.mts", mts.detach(back))
         assert "rascaline_e3nn" not in sys.modules
         """
@@ -118,6 +120,8 @@ def test_saved_and_loaded_in_a_fresh_process(tmp_path, tensor, kernel):
     for a, b in zip(loaded["grads"], grads):
         assert torch.equal(a, b)
     assert torch.equal(loaded["samples"], samples.values)
+    assert torch.equal(loaded["both"], x)
+    assert torch.equal(loaded["both_samples"], samples.values)
     y = x.clone().requires_grad_()
     back = inverse(y, samples)
     sum(b.values.sum() * (i + 1) for i, b in enumerate(back.blocks())).backward()

@@ -1365,6 +1365,29 @@ std::tuple<bool, Tensor> to_irreps_map(
     return std::make_tuple(true, out);
 }
 
+// The Labels of the collected rows (samples, then the row keys), in their order; none
+// when the case is not common or the rows are not unique
+std::vector<metatensor_torch::Labels> row_labels(
+    const Collected& c,
+    const std::vector<std::string>& sample_names,
+    const std::vector<std::string>& row_key_names
+) {
+    if (!c.ok || !c.unique) {
+        return {};
+    }
+    auto n_rows = static_cast<int64_t>(c.order.size());
+    auto values = torch::empty({n_rows, c.width}, torch::kInt32);
+    auto* v = values.data_ptr<int32_t>();
+    for (int64_t k = 0; k < n_rows; k++) {
+        std::memcpy(v + k * c.width, c.table.data() + c.order[k] * c.width, c.width * sizeof(int32_t));
+    }
+    auto names = sample_names;
+    names.insert(names.end(), row_key_names.begin(), row_key_names.end());
+    return {torch::make_intrusive<metatensor_torch::LabelsHolder>(
+        torch::IValue(names), values, metatensor::assume_unique{}
+    )};
+}
+
 // The rows of TensorMapToIrreps' output (samples, then the row keys), for the same
 // common case; no Labels when the rows are not unique or the case is not common.
 std::vector<metatensor_torch::Labels> samples_map(
@@ -1382,20 +1405,36 @@ std::vector<metatensor_torch::Labels> samples_map(
 ) {
     auto c = collect_map(tensor, key_names, template_keys, sample_names, property_names,
                          block_l, block_group, template_properties, group_keys, check);
-    if (!c.ok || !c.unique) {
-        return {};
+    return row_labels(c, sample_names, row_key_names);
+}
+
+// to_irreps_map and samples_map in one call (TensorMapToIrreps.forward_with_samples):
+// the metadata work is done once
+std::tuple<bool, Tensor, std::vector<metatensor_torch::Labels>> to_irreps_samples_map(
+    const metatensor_torch::TensorMap& tensor,
+    const std::vector<std::string>& key_names,
+    const Tensor& template_keys,
+    const std::vector<std::string>& sample_names,
+    const std::vector<std::string>& row_key_names,
+    const std::vector<std::string>& property_names,
+    c10::IntArrayRef block_l,
+    c10::IntArrayRef block_group,
+    const std::vector<Tensor>& template_properties,
+    const Tensor& group_keys,
+    bool check,
+    const c10::optional<Tensor>& basis,
+    c10::IntArrayRef meta,
+    c10::IntArrayRef columns,
+    int64_t dim
+) {
+    auto c = collect_map(tensor, key_names, template_keys, sample_names, property_names,
+                         block_l, block_group, template_properties, group_keys, check);
+    if (!c.ok) {
+        return std::make_tuple(false, torch::empty({0}), std::vector<metatensor_torch::Labels>{});
     }
-    auto n_rows = static_cast<int64_t>(c.order.size());
-    auto values = torch::empty({n_rows, c.width}, torch::kInt32);
-    auto* v = values.data_ptr<int32_t>();
-    for (int64_t k = 0; k < n_rows; k++) {
-        std::memcpy(v + k * c.width, c.table.data() + c.order[k] * c.width, c.width * sizeof(int32_t));
-    }
-    auto names = sample_names;
-    names.insert(names.end(), row_key_names.begin(), row_key_names.end());
-    return {torch::make_intrusive<metatensor_torch::LabelsHolder>(
-        torch::IValue(names), values, metatensor::assume_unique{}
-    )};
+    auto labels = row_labels(c, sample_names, row_key_names);
+    auto out = to_irreps_autograd(c.values, c.slots, c.position, c.group_rows, basis, meta, columns, dim, c.row_maps);
+    return std::make_tuple(true, out, labels);
 }
 
 
@@ -1585,6 +1624,14 @@ TORCH_LIBRARY(rascaline_e3nn, m) {
         "int[] block_group, Tensor[] template_properties, Tensor group_keys, bool check, "
         "Tensor? basis, int[] meta, int[] columns, int dim) -> (bool, Tensor)",
         &to_irreps_map
+    );
+    m.def(
+        "to_irreps_samples_map(__torch__.torch.classes.metatensor.TensorMap tensor, "
+        "str[] key_names, Tensor template_keys, str[] sample_names, str[] row_key_names, "
+        "str[] property_names, int[] block_l, int[] block_group, Tensor[] template_properties, "
+        "Tensor group_keys, bool check, Tensor? basis, int[] meta, int[] columns, int dim) "
+        "-> (bool, Tensor, __torch__.torch.classes.metatensor.Labels[])",
+        &to_irreps_samples_map
     );
     m.def(
         "samples_map(__torch__.torch.classes.metatensor.TensorMap tensor, str[] key_names, "
