@@ -13,11 +13,14 @@ functions: 63 blocks, 9.4 MB of float32 values, featomic's exact metadata.
     python benchmarks/bench_adapters.py --check-overhead  # cost of check=True
     python benchmarks/bench_adapters.py --page-cost       # first-touch cost of fresh memory pages
     python benchmarks/bench_adapters.py --bandwidth       # the clone in cache vs copies out of cache
+    python benchmarks/bench_adapters.py --prefetch        # the fused kernel's prefetching on / off
     python benchmarks/bench_adapters.py --sweep           # size / lmax sweep -> sweep.json
     python benchmarks/plot.py                             # sweep.json -> scaling.png
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import json
 import os
 import platform
@@ -1041,6 +1044,77 @@ def featomic_batch(args) -> None:
         print(row)
 
 
+class WithEnvironment:
+    """``f()`` with ``os.environ[name] = value`` set just before (both of an A/B pair
+    pay the same for it)."""
+
+    def __init__(self, f: Callable[[], object], name: str, value: str):
+        self.f, self.name, self.value = f, name, value
+
+    def __call__(self):
+        os.environ[self.name] = self.value
+        return self.f()
+
+
+def prefetch(args) -> None:
+    """The fused kernel with and without its software prefetching
+    (RASCALINE_E3NN_PREFETCH=0), in one process: forward alone (its inputs stay
+    cached in a loop) and the scripted forward+backward step (each pass reads what
+    the other evicted). glibc is told to keep freed memory (mallopt), so that fresh
+    pages (faults/call) do not drown the difference: alternating variants otherwise
+    make it unmap and map again a 9.4 MB output at every switch."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    kept = (libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+            and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1)
+    print(f"\nmallopt(M_TRIM_THRESHOLD, 1 GiB), mallopt(M_MMAP_THRESHOLD, 32 MiB): "
+          f"{'done' if kept else 'FAILED (faults will show)'}")
+    tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial)
+    tensor_g = featomic_like(args.systems, args.atoms, args.lmax, args.radial,
+                             requires_grad=True)
+    params = leaves(tensor_g)
+    buffer = torch.randn(nbytes(tensor) // 4)
+    variants: Dict[str, Callable] = {"clone": lambda: buffer.clone()}
+    rows = []
+    for module_name in ("TensorMapToIrreps", "IrrepsToTensorMap"):
+        for basis in ("featomic", "e3nn"):
+            for layout in ("mul_ir", "ir_mul"):
+                fused = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="fused")
+                x = fused(tensor)
+                samples = fused.samples(tensor)
+                if module_name == "TensorMapToIrreps":
+                    module = script(fused)
+                    forward = (lambda m=module: m(tensor))
+                    step = scripted_forward_backward(module, (tensor_g,), torch.randn_like(x),
+                                                     params)
+                else:
+                    module = script(fused.inverse())
+                    x_g = x.clone().requires_grad_(True)
+                    forward = (lambda m=module, x=x: m(x, samples))
+                    grads = [torch.randn_like(v) for v in leaves(tensor)]
+                    step = scripted_forward_backward(module, (x_g, samples), grads, [x_g])
+                for mode, f in (("fwd", forward), ("fwd+bwd", step)):
+                    name = f"{module_name} {basis} {layout} {mode}"
+                    rows.append(name)
+                    for value in ("1", "0"):
+                        variants[f"{name} {value}"] = WithEnvironment(
+                            f, "RASCALINE_E3NN_PREFETCH", value)
+    r = measure(variants, args.rounds, args.min_run_time, args.threads)
+    os.environ.pop("RASCALINE_E3NN_PREFETCH", None)
+    print(f"\nsoftware prefetching in the fused kernel, reference case, float32, scripted, "
+          f"{args.threads} thread(s); clone {fmt_time(r['clone'])}\n")
+    print(f"| {'module':<17} | {'basis':<8} | {'layout':<6} | {'pass':<7} | "
+          f"{'prefetch off':>12} | {'prefetch on':>11} | {'on / off':>8} | "
+          f"{'faults/call off, on':>19} |")
+    print("|" + "|".join("-" * w for w in (19, 10, 8, 9, 14, 13, 10, 21)) + "|")
+    for name in rows:
+        module_name, basis, layout, mode = name.split()
+        off, on = r[f"{name} 0"], r[f"{name} 1"]
+        faults = f"{FAULTS[f'{name} 0']:.0f}, {FAULTS[f'{name} 1']:.0f}"
+        print(f"| {module_name:<17} | {basis:<8} | {layout:<6} | {mode:<7} | "
+              f"{fmt_time(off):>12} | {fmt_time(on):>11} | {on / off:>8.2f} | {faults:>19} |")
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -1072,6 +1146,8 @@ def main(argv=None) -> None:
     parser.add_argument("--bandwidth", action="store_true",
                         help="only: the clone baseline against copies and a fill too "
                         "large for the caches")
+    parser.add_argument("--prefetch", action="store_true",
+                        help="only: the fused kernel with and without software prefetching")
     parser.add_argument("--featomic", action="store_true",
                         help="only: real featomic SphericalExpansion batches (blocks of a "
                         "center type with different samples)")
@@ -1088,6 +1164,9 @@ def main(argv=None) -> None:
         return
     if args.featomic:
         featomic_batch(args)
+        return
+    if args.prefetch:
+        prefetch(args)
         return
     if args.bandwidth:
         bandwidth(args)

@@ -27,6 +27,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -618,6 +619,13 @@ constexpr int64_t GRAIN = 16;
 // is written
 constexpr int64_t PREFETCH_ROWS = 2;
 
+// Software prefetching, unless RASCALINE_E3NN_PREFETCH=0 (read at every call: the
+// benchmarks compare both in one process, `bench_adapters.py --prefetch`)
+bool prefetching_enabled() {
+    const char* value = std::getenv("RASCALINE_E3NN_PREFETCH");
+    return value == nullptr || std::strcmp(value, "0") != 0;
+}
+
 // from_irreps: rows read in chunks of CHUNK (their flat rows stay cached while every
 // block takes its values from them)
 constexpr int64_t CHUNK = 16;
@@ -685,11 +693,12 @@ void scatter_kernel(
         }
         const MemberRows<T> sources(plan, members, values, maps);
         const int64_t* rows = position + plan.group_start[g];
+        const bool prefetching = prefetching_enabled();
         at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
             std::vector<const T*> src(members.size());
             std::vector<T> work(dim + plan.max_k * std::max<int64_t>(plan.max_props, 1));
             for (int64_t i = begin; i < end; i++) {
-                if (i + PREFETCH_ROWS < end) {
+                if (prefetching && i + PREFETCH_ROWS < end) {
                     for (size_t k = 0; k < members.size(); k++) {
                         const T* ahead = sources.at(k, i + PREFETCH_ROWS);
                         if (ahead != nullptr) prefetch<3>(ahead, sources.sizes[k] * static_cast<int64_t>(sizeof(T)));
@@ -745,6 +754,7 @@ void gather_kernel(
             }
         }
         const int64_t* positions = position + plan.group_start[g];
+        const bool prefetching = prefetching_enabled();
         at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
             std::vector<const T*> rows(CHUNK);
             std::vector<T*> dst(CHUNK);
@@ -753,7 +763,7 @@ void gather_kernel(
                 auto c1 = std::min(end, c0 + CHUNK);
                 for (int64_t i = c0; i < c1; i++) rows[i - c0] = x + positions[i] * dim;
                 // the next chunk's flat rows, into L2 while this one is read
-                for (int64_t i = c1; i < std::min(end, c1 + CHUNK); i++) {
+                for (int64_t i = c1; prefetching && i < std::min(end, c1 + CHUNK); i++) {
                     prefetch<2>(x + positions[i] * dim, dim * static_cast<int64_t>(sizeof(T)));
                 }
                 for (const auto& unit: units) {
