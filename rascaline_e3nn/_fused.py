@@ -11,7 +11,8 @@ asks for it (``kernel="fused"`` or ``"auto"``) or :func:`library_path` is called
 ``~/.cache/rascaline_e3nn``), one build per torch version and source.
 
 Set ``RASCALINE_E3NN_KERNEL=torch`` to forbid the build: ``kernel="auto"`` then uses
-PyTorch operators and ``kernel="fused"`` raises.
+PyTorch operators and ``kernel="fused"`` raises. ``RASCALINE_E3NN_PREFETCH=0`` turns the
+kernel's software prefetching off (read at every call; for benchmarks).
 """
 
 import hashlib

@@ -82,7 +82,7 @@ class TensorMapToIrreps(torch.nn.Module):
         How values move on the CPU. ``"torch"`` (default): PyTorch operators only,
         so that a scripted module loads wherever metatensor-torch does.
         ``"fused"``: metadata checks and one pass over the data in compiled code,
-        4.6-11.9x faster forward, 4.0-7.7x faster forward+backward, no
+        3.1-6.9x faster forward, 4.2-6.5x faster forward+backward, no
         intermediates and a 7.5x lower per-call floor on the benchmarks'
         reference case (benchmarks/README.md, 2 threads); the kernel is compiled on
         first use (~40 s, cached), and a scripted module using it needs

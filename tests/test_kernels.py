@@ -297,3 +297,26 @@ def test_forward_with_samples_unchecked_duplicates(kernel):
     for method in (module.samples, module.forward_with_samples):
         with pytest.raises(RuntimeError, match="same label entry multiple times"):
             method(duplicated)
+
+
+@pytest.mark.parametrize("basis", ["featomic", "e3nn"])
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_prefetching_changes_no_value(tensor, basis, layout, monkeypatch):
+    """RASCALINE_E3NN_PREFETCH=0 (the benchmarks' comparison) only drops the
+    prefetches: both directions, values and gradients, bit for bit."""
+    to_irreps = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="fused")
+    to_tensor_map = to_irreps.inverse()
+    samples = to_irreps.samples(tensor)
+    results = []
+    for value in ("1", "0"):
+        monkeypatch.setenv("RASCALINE_E3NN_PREFETCH", value)
+        inputs, leaves = with_grad(tensor)
+        x = to_irreps(inputs)
+        x.backward(torch.linspace(-1, 1, x.numel(), dtype=x.dtype).reshape(x.shape))
+        y = x.detach().clone().requires_grad_()
+        back = to_tensor_map(y, samples)
+        sum((i + 1) * b.values.sum() for i, b in enumerate(back.blocks())).backward()
+        results.append([x.detach(), y.grad] + [v.grad for v in leaves]
+                       + [b.values.detach() for b in back.blocks()])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
