@@ -1052,20 +1052,36 @@ std::vector<Tensor> from_irreps_op(
 // values; no duplicated rows (when `check`). Anything else returns (false, _) and
 // the TorchScript code takes its detailed path, which handles or names it.
 
-bool equal_int32(const Tensor& a, const Tensor& b) {
-    if (a.sizes() != b.sizes() || a.scalar_type() != b.scalar_type()) {
-        return false;
+// The values of a block's Labels on one axis, through metatensor's C++ API: building
+// the TorchScript Labels (block->samples(), ...: a LabelsHolder with its tensors, three
+// per block) took about a third of a call on small inputs (a 64-atom featomic map)
+struct AxisLabels {
+    metatensor::Labels labels;  // keeps `values` alive
+    const int32_t* values = nullptr;
+    int64_t count = 0;
+    int64_t size = 0;
+
+    AxisLabels(const metatensor_torch::TensorBlock& block, uintptr_t axis)
+        : labels(block->as_metatensor().labels(axis)) {
+        const auto array = labels.values_cpu();
+        values = array.data();
+        count = static_cast<int64_t>(array.shape()[0]);
+        size = static_cast<int64_t>(array.shape()[1]);
     }
-    if (!a.device().is_cpu() || !b.device().is_cpu()) {
-        return false;
+
+    bool equals(const int32_t* other, int64_t other_count, int64_t other_size) const {
+        return count == other_count && size == other_size
+            && (values == other || std::memcmp(values, other, count * size * sizeof(int32_t)) == 0);
     }
-    if (a.is_same(b)) {
-        return true;
+
+    bool equals(const Tensor& other) const {
+        if (other.dim() != 2 || other.scalar_type() != torch::kInt32 || !other.device().is_cpu()) {
+            return false;
+        }
+        auto c = other.contiguous();
+        return equals(c.data_ptr<int32_t>(), c.size(0), c.size(1));
     }
-    auto ac = a.contiguous();
-    auto bc = b.contiguous();
-    return std::memcmp(ac.data_ptr(), bc.data_ptr(), ac.numel() * ac.element_size()) == 0;
-}
+};
 
 struct Collected {
     bool ok = false;
@@ -1143,9 +1159,13 @@ Collected collect_map(
 
     // ---- blocks
     std::vector<Tensor> values;
-    std::vector<Tensor> block_samples;
-    std::vector<Tensor> samples(n_groups);
+    std::vector<AxisLabels> block_samples;
+    block_samples.reserve(n_in);
+    // the samples of every group (its first block's, or the union below)
+    std::vector<const int32_t*> samples(n_groups, nullptr);
+    std::vector<int64_t> sample_count(n_groups, -1);
     std::vector<bool> shared(n_groups, true);
+    auto n_sample_dims = static_cast<int64_t>(sample_names.size());
     auto dtype = blocks[0]->values().scalar_type();
     if (dtype != torch::kFloat32 && dtype != torch::kFloat64) return not_fast;
     for (int64_t i = 0; i < n_in; i++) {
@@ -1158,23 +1178,23 @@ Collected collect_map(
             return not_fast;
         }
         if (check) {
-            auto mu = block->components()[0]->values().contiguous();
-            if (mu.numel() != 2 * l + 1 || mu.scalar_type() != torch::kInt32 || !mu.device().is_cpu()) return not_fast;
-            const int32_t* m = mu.data_ptr<int32_t>();
+            AxisLabels mu(block, 1);
+            if (mu.count != 2 * l + 1 || mu.size != 1) return not_fast;
             for (int64_t k = 0; k < 2 * l + 1; k++) {
-                if (m[k] != k - l) return not_fast;
+                if (mu.values[k] != k - l) return not_fast;
             }
         }
-        if (!equal_int32(block->properties()->values(), template_properties[t])) return not_fast;
-        auto sample_values = block->samples()->values();
-        if (!sample_values.device().is_cpu() || sample_values.scalar_type() != torch::kInt32) return not_fast;
+        if (!AxisLabels(block, 2).equals(template_properties[t])) return not_fast;
+        block_samples.emplace_back(block, 0);
+        const auto& mine = block_samples.back();
+        if (mine.size != n_sample_dims) return not_fast;
         auto g = block_group[t];
-        if (!samples[g].defined()) {
-            samples[g] = sample_values.contiguous();
-        } else if (!equal_int32(sample_values, samples[g])) {
+        if (samples[g] == nullptr) {
+            samples[g] = mine.values;
+            sample_count[g] = mine.count;
+        } else if (!mine.equals(samples[g], sample_count[g], n_sample_dims)) {
             shared[g] = false;
         }
-        block_samples.push_back(sample_values.contiguous());
         values.push_back(value);
     }
 
@@ -1182,7 +1202,7 @@ Collected collect_map(
     // centers without neighbours of some type): rows are the sorted union, each
     // block placed by a row map, zeros where it has no entry
     std::vector<Tensor> row_maps(n_in);
-    auto n_sample_dims = static_cast<int64_t>(sample_names.size());
+    std::vector<std::vector<int32_t>> unions(n_groups);
     for (int64_t g = 0; g < n_groups; g++) {
         if (shared[g]) continue;
         std::vector<int64_t> members;
@@ -1192,8 +1212,8 @@ Collected collect_map(
         std::vector<const int32_t*> member_samples;
         std::vector<int64_t> member_rows;
         for (auto i: members) {
-            member_samples.push_back(block_samples[i].data_ptr<int32_t>());
-            member_rows.push_back(block_samples[i].size(0));
+            member_samples.push_back(block_samples[i].values);
+            member_rows.push_back(block_samples[i].count);
         }
         auto less_row = [&](const int32_t* a, const int32_t* b) {
             for (int64_t c = 0; c < n_sample_dims; c++) {
@@ -1277,11 +1297,9 @@ Collected collect_map(
             }
         }
         auto n_union = u + 1;
-        auto union_tensor = torch::empty({n_union, n_sample_dims}, torch::kInt32);
-        if (n_union > 0) {
-            std::memcpy(union_tensor.data_ptr<int32_t>(), union_values.data(), union_values.size() * sizeof(int32_t));
-        }
-        samples[g] = union_tensor;
+        unions[g] = std::move(union_values);
+        samples[g] = unions[g].data();
+        sample_count[g] = n_union;
         for (size_t j = 0; j < members.size(); j++) {
             maps[j].resize(n_union, -1);
             auto map = torch::empty({n_union}, torch::kInt64);
@@ -1294,7 +1312,7 @@ Collected collect_map(
     std::vector<int64_t> group_rows(n_groups, 0);
     std::vector<int64_t> group_start(n_groups + 1, 0);
     for (int64_t g = 0; g < n_groups; g++) {
-        group_rows[g] = samples[g].defined() ? samples[g].size(0) : 0;
+        group_rows[g] = std::max<int64_t>(sample_count[g], 0);
         group_start[g + 1] = group_start[g] + group_rows[g];
     }
     auto n_rows = group_start[n_groups];
@@ -1306,7 +1324,7 @@ Collected collect_map(
     const int32_t* gkp = gk.data_ptr<int32_t>();
     for (int64_t g = 0; g < n_groups; g++) {
         if (group_rows[g] == 0) continue;
-        const int32_t* sp = samples[g].data_ptr<int32_t>();
+        const int32_t* sp = samples[g];
         for (int64_t r = 0; r < group_rows[g]; r++) {
             int32_t* row = table.data() + (group_start[g] + r) * width;
             std::memcpy(row, sp + r * n_sample, n_sample * sizeof(int32_t));
