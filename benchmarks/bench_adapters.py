@@ -14,6 +14,7 @@ functions: 63 blocks, 9.4 MB of float32 values, featomic's exact metadata.
     python benchmarks/bench_adapters.py --page-cost       # first-touch cost of fresh memory pages
     python benchmarks/bench_adapters.py --bandwidth       # the clone in cache vs copies out of cache
     python benchmarks/bench_adapters.py --prefetch        # the fused kernel's prefetching on / off
+    python benchmarks/bench_adapters.py --stores          # non-temporal stores always / for large outputs
     python benchmarks/bench_adapters.py --sweep           # size / lmax sweep -> sweep.json
     python benchmarks/plot.py                             # sweep.json -> scaling.png
 """
@@ -1115,6 +1116,82 @@ def prefetch(args) -> None:
               f"{fmt_time(off):>12} | {fmt_time(on):>11} | {on / off:>8.2f} | {faults:>19} |")
 
 
+class ConsumeIrreps(torch.nn.Module):
+    """A TensorMapToIrreps forward, then a layer reading its output (x @ W)."""
+
+    def __init__(self, module, weight: torch.Tensor):
+        super().__init__()
+        self.module = module
+        self.weight = weight
+
+    def forward(self, tensor: TensorMap) -> torch.Tensor:
+        return self.module(tensor) @ self.weight
+
+
+class ConsumeTensorMap(torch.nn.Module):
+    """An IrrepsToTensorMap forward, then a reader of every output block (its sum)."""
+
+    def __init__(self, module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor, samples: Labels) -> torch.Tensor:
+        total = torch.zeros((), dtype=x.dtype)
+        for block in self.module(x, samples).blocks():
+            total = total + block.values.sum()
+        return total
+
+
+def stores(args) -> None:
+    """Non-temporal stores for every output (RASCALINE_E3NN_STREAM_MIN_BYTES=0, the
+    kernel before session 4) against the default (ordinary stores below 4 MiB), in
+    one process: the forward alone and followed by a layer reading its output, for 1,
+    4 and 16 systems of the reference case (0.6, 2.4 and 9.4 MB float32)."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    kept = libc.mallopt(-1, 1 << 30) == 1 and libc.mallopt(-3, 32 << 20) == 1
+    print(f"\nglibc keeps freed memory (mallopt): {'done' if kept else 'FAILED'}")
+    variants: Dict[str, Callable] = {}
+    rows = []
+    for n_systems in (1, 4, 16):
+        tensor = featomic_like(n_systems, args.atoms, args.lmax, args.radial)
+        buffer = torch.randn(nbytes(tensor) // 4)
+        variants[f"clone {n_systems}"] = (lambda b=buffer: b.clone())
+        for layout in ("mul_ir", "ir_mul"):
+            fused = TensorMapToIrreps(tensor, basis="featomic", layout=layout, kernel="fused")
+            x = fused(tensor)
+            samples = fused.samples(tensor)
+            weight = torch.randn(x.shape[1], 32)
+            inverse = fused.inverse()
+            passes = {
+                ("TensorMapToIrreps", "fwd"): (lambda m=script(fused), t=tensor: m(t)),
+                ("TensorMapToIrreps", "fwd, x @ W"): (
+                    lambda m=script(ConsumeIrreps(fused, weight)), t=tensor: m(t)),
+                ("IrrepsToTensorMap", "fwd"): (
+                    lambda m=script(inverse), x=x, s=samples: m(x, s)),
+                ("IrrepsToTensorMap", "fwd, block sums"): (
+                    lambda m=script(ConsumeTensorMap(inverse)), x=x, s=samples: m(x, s)),
+            }
+            for (module_name, mode), f in passes.items():
+                name = f"{n_systems}|{module_name}|{layout}|{mode}"
+                rows.append((name, nbytes(tensor)))
+                for value in ("0", ""):
+                    variants[f"{name}|{value}"] = WithEnvironment(
+                        f, "RASCALINE_E3NN_STREAM_MIN_BYTES", value)
+    r = measure(variants, args.rounds, args.min_run_time, args.threads)
+    os.environ.pop("RASCALINE_E3NN_STREAM_MIN_BYTES", None)
+    print(f"\nnon-temporal stores always (before) against only from 4 MiB (default), "
+          f"featomic basis, float32, scripted, {args.threads} thread(s)\n")
+    print(f"| {'MB':>5} | {'module':<17} | {'layout':<6} | {'pass':<15} | {'clone':>9} | "
+          f"{'always NT':>9} | {'default':>9} | {'default / always':>16} |")
+    print("|" + "|".join("-" * w for w in (7, 19, 8, 17, 11, 11, 11, 18)) + "|")
+    for name, size in rows:
+        n_systems, module_name, layout, mode = name.split("|")
+        before, now = r[f"{name}|0"], r[f"{name}|"]
+        print(f"| {size / 1e6:>5.1f} | {module_name:<17} | {layout:<6} | {mode:<15} | "
+              f"{fmt_time(r[f'clone {n_systems}']):>9} | {fmt_time(before):>9} | "
+              f"{fmt_time(now):>9} | {now / before:>16.2f} |")
+
+
 # ---------------------------------------------------------------------- main
 
 
@@ -1148,6 +1225,8 @@ def main(argv=None) -> None:
                         "large for the caches")
     parser.add_argument("--prefetch", action="store_true",
                         help="only: the fused kernel with and without software prefetching")
+    parser.add_argument("--stores", action="store_true",
+                        help="only: non-temporal stores always against only for large outputs")
     parser.add_argument("--featomic", action="store_true",
                         help="only: real featomic SphericalExpansion batches (blocks of a "
                         "center type with different samples)")
@@ -1167,6 +1246,9 @@ def main(argv=None) -> None:
         return
     if args.prefetch:
         prefetch(args)
+        return
+    if args.stores:
+        stores(args)
         return
     if args.bandwidth:
         bandwidth(args)

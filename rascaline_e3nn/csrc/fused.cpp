@@ -215,8 +215,9 @@ int64_t max_l_of(const Plan& plan) {
 // ---------------------------------------------------------------- row programs
 //
 // to_irreps writes every flat row in one pass, in column order, straight from the
-// rows of its blocks, with non-temporal stores (the output is written once and is
-// usually larger than the caches: ordinary stores would first read every line of it).
+// rows of its blocks, with non-temporal stores when the output is large (written once
+// and larger than the caches, ordinary stores would first read every line of it;
+// below STREAM_MIN_BYTES ordinary stores leave it cached for the next layer).
 // from_irreps reads a chunk of flat rows and fills the blocks one after the other, so
 // that every block is one sequential stream of (non-temporal) stores.
 // Measured on the reference case (benchmarks/README.md): the earlier design (blocks
@@ -304,8 +305,8 @@ std::vector<Unit> row_program(const Plan& plan, int64_t g) {
 }
 
 // n values from src to dst; with `stream`, non-temporal stores (dst and n * sizeof(T)
-// 16-byte aligned): the flat output is written once and is usually too large to
-// stay cached, so ordinary stores would first read every line of it
+// 16-byte aligned): for outputs too large to stay cached, which ordinary stores would
+// first read line by line (streaming_worth)
 template <typename T, int N>
 RASCALINE_E3NN_INLINE void emit(T* __restrict__ dst, const T* __restrict__ src, int64_t n, bool stream) {
     if (N > 0) n = N;
@@ -626,6 +627,23 @@ bool prefetching_enabled() {
     return value == nullptr || std::strcmp(value, "0") != 0;
 }
 
+// Non-temporal stores only for outputs of at least this many bytes (default 4 MiB;
+// RASCALINE_E3NN_STREAM_MIN_BYTES, read at every call, for `bench_adapters.py
+// --stores`). A smaller output stays in the caches for the layer that reads it next
+// (ordinary stores: forward + a consumer 0.74-0.87x as long at 0.6 and 2.4 MB), a
+// larger one would not, and ordinary stores then read every line first (forward
+// alone 1.35-1.83x as long at 9.4 MB).
+constexpr int64_t STREAM_MIN_BYTES = 4 << 20;
+
+bool streaming_worth(int64_t output_bytes) {
+    const char* value = std::getenv("RASCALINE_E3NN_STREAM_MIN_BYTES");
+    int64_t threshold = STREAM_MIN_BYTES;
+    if (value != nullptr && *value != '\0') {
+        threshold = std::strtoll(value, nullptr, 10);
+    }
+    return output_bytes >= threshold;
+}
+
 // from_irreps: rows read in chunks of CHUNK (their flat rows stay cached while every
 // block takes its values from them)
 constexpr int64_t CHUNK = 16;
@@ -664,7 +682,8 @@ void scatter_kernel(
     const int64_t* position,
     const std::vector<Sparse<T>>& basis,
     T* out,
-    int64_t dim
+    int64_t dim,
+    bool streaming
 ) {
     auto n_groups = static_cast<int64_t>(plan.by_group.size());
     for (int64_t g = 0; g < n_groups; g++) {
@@ -676,10 +695,10 @@ void scatter_kernel(
         // columns that no present block of this group writes: zero
         auto holes = holes_of(plan, g, dim);
         auto units = row_program(plan, g);
-        // non-temporal stores where every run of a unit starts on 16 bytes (units
-        // with a common number of properties: IR_MUL runs are that long)
+        // non-temporal stores (when streaming) where every run of a unit starts on 16
+        // bytes (units with a common number of properties: IR_MUL runs are that long)
         auto aligned = [&](int64_t column) { return (column * static_cast<int64_t>(sizeof(T))) % 16 == 0; };
-        bool rows_aligned = reinterpret_cast<uintptr_t>(out) % 16 == 0 && aligned(dim);
+        bool rows_aligned = streaming && reinterpret_cast<uintptr_t>(out) % 16 == 0 && aligned(dim);
         for (auto& unit: units) {
             unit.stream = rows_aligned && unit.props > 0;
             if (unit.kind == UNIT_IR_MUL) {
@@ -731,7 +750,8 @@ void gather_kernel(
     const int64_t* position,
     const std::vector<Sparse<T>>& basis,
     const std::vector<const int64_t*>& maps,
-    std::vector<Tensor>& values
+    std::vector<Tensor>& values,
+    bool streaming
 ) {
     auto n_groups = static_cast<int64_t>(plan.by_group.size());
     for (int64_t g = 0; g < n_groups; g++) {
@@ -742,13 +762,14 @@ void gather_kernel(
         }
         auto units = row_program(plan, g);
         const MemberRows<T> targets(plan, members, values, maps);
-        // non-temporal stores into a block where its rows and runs start on 16 bytes
+        // non-temporal stores (when streaming) into a block where its rows and runs
+        // start on 16 bytes
         auto aligned = [&](int64_t count) { return (count * static_cast<int64_t>(sizeof(T))) % 16 == 0; };
         std::vector<bool> stream(members.size(), false);
         for (const auto& unit: units) {
             for (auto k: unit.members) {
                 const auto& b = plan.blocks[members[k]];
-                stream[k] = reinterpret_cast<uintptr_t>(targets.values[k]) % 16 == 0
+                stream[k] = streaming && reinterpret_cast<uintptr_t>(targets.values[k]) % 16 == 0
                     && aligned(targets.sizes[k])
                     && ((unit.kind == UNIT_IR_MUL && aligned(b.n_props)) || unit.kind == UNIT_MUL_IR);
             }
@@ -858,7 +879,8 @@ Tensor to_irreps_kernel(
     auto out = torch::empty({n, dim}, like.options().device(torch::kCPU));
     AT_DISPATCH_FLOATING_TYPES(dtype, "rascaline_e3nn::to_irreps", [&] {
         auto D = sparse_basis<scalar_t>(basis, max_l_of(plan), /*transpose=*/false);
-        scatter_kernel<scalar_t>(plan, values, maps, pos, D, out.data_ptr<scalar_t>(), dim);
+        scatter_kernel<scalar_t>(plan, values, maps, pos, D, out.data_ptr<scalar_t>(), dim,
+                                 streaming_worth(out.numel() * out.element_size()));
     });
     return out;
 }
@@ -891,7 +913,8 @@ std::vector<Tensor> from_irreps_kernel(
     auto maps = map_pointers(plan, row_maps);
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rascaline_e3nn::from_irreps", [&] {
         auto D = sparse_basis<scalar_t>(basis, max_l_of(plan), /*transpose=*/true);
-        gather_kernel<scalar_t>(plan, x.data_ptr<scalar_t>(), dim, pos, D, maps, values);
+        gather_kernel<scalar_t>(plan, x.data_ptr<scalar_t>(), dim, pos, D, maps, values,
+                                streaming_worth(x.numel() * x.element_size()));
     });
     return values;
 }
