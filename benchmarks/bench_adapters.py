@@ -1045,6 +1045,23 @@ def featomic_batch(args) -> None:
         print(row)
 
 
+def keep_freed_memory() -> bool:
+    """Tell glibc to keep freed memory (mallopt): comparisons that alternate variants
+    otherwise make it unmap and map again a large output at every switch, and the page
+    faults (400-900 per call here for 9.4 MB) drown the difference."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+    return (libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
+            and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1)
+
+
+def add_switched(variants: Dict[str, Callable], name: str, f: Callable[[], object],
+                 variable: str, values: Sequence[str]) -> None:
+    """``f`` as one variant per value of the environment variable (``name|value``)."""
+    for value in values:
+        variants[f"{name}|{value}"] = WithEnvironment(f, variable, value)
+
+
 class WithEnvironment:
     """``f()`` with ``os.environ[name] = value`` set just before (both of an A/B pair
     pay the same for it)."""
@@ -1061,13 +1078,8 @@ def prefetch(args) -> None:
     """The fused kernel with and without its software prefetching
     (RASCALINE_E3NN_PREFETCH=0), in one process: forward alone (its inputs stay
     cached in a loop) and the scripted forward+backward step (each pass reads what
-    the other evicted). glibc is told to keep freed memory (mallopt), so that fresh
-    pages (faults/call) do not drown the difference: alternating variants otherwise
-    make it unmap and map again a 9.4 MB output at every switch."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
-    kept = (libc.mallopt(M_TRIM_THRESHOLD, 1 << 30) == 1
-            and libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) == 1)
+    the other evicted), glibc keeping freed memory (keep_freed_memory)."""
+    kept = keep_freed_memory()
     print(f"\nmallopt(M_TRIM_THRESHOLD, 1 GiB), mallopt(M_MMAP_THRESHOLD, 32 MiB): "
           f"{'done' if kept else 'FAILED (faults will show)'}")
     tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial)
@@ -1097,9 +1109,7 @@ def prefetch(args) -> None:
                 for mode, f in (("fwd", forward), ("fwd+bwd", step)):
                     name = f"{module_name} {basis} {layout} {mode}"
                     rows.append(name)
-                    for value in ("1", "0"):
-                        variants[f"{name} {value}"] = WithEnvironment(
-                            f, "RASCALINE_E3NN_PREFETCH", value)
+                    add_switched(variants, name, f, "RASCALINE_E3NN_PREFETCH", ("1", "0"))
     r = measure(variants, args.rounds, args.min_run_time, args.threads)
     os.environ.pop("RASCALINE_E3NN_PREFETCH", None)
     print(f"\nsoftware prefetching in the fused kernel, reference case, float32, scripted, "
@@ -1110,8 +1120,8 @@ def prefetch(args) -> None:
     print("|" + "|".join("-" * w for w in (19, 10, 8, 9, 14, 13, 10, 21)) + "|")
     for name in rows:
         module_name, basis, layout, mode = name.split()
-        off, on = r[f"{name} 0"], r[f"{name} 1"]
-        faults = f"{FAULTS[f'{name} 0']:.0f}, {FAULTS[f'{name} 1']:.0f}"
+        off, on = r[f"{name}|0"], r[f"{name}|1"]
+        faults = f"{FAULTS[f'{name}|0']:.0f}, {FAULTS[f'{name}|1']:.0f}"
         print(f"| {module_name:<17} | {basis:<8} | {layout:<6} | {mode:<7} | "
               f"{fmt_time(off):>12} | {fmt_time(on):>11} | {on / off:>8.2f} | {faults:>19} |")
 
@@ -1146,9 +1156,9 @@ def stores(args) -> None:
     """Non-temporal stores for every output (RASCALINE_E3NN_STREAM_MIN_BYTES=0, the
     kernel before session 4) against the default (ordinary stores below 4 MiB), in
     one process: the forward alone and followed by a layer reading its output, for 1,
-    4 and 16 systems of the reference case (0.6, 2.4 and 9.4 MB float32)."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    kept = libc.mallopt(-1, 1 << 30) == 1 and libc.mallopt(-3, 32 << 20) == 1
+    4 and 16 systems of the reference case (0.6, 2.4 and 9.4 MB float32), glibc
+    keeping freed memory (keep_freed_memory)."""
+    kept = keep_freed_memory()
     print(f"\nglibc keeps freed memory (mallopt): {'done' if kept else 'FAILED'}")
     variants: Dict[str, Callable] = {}
     rows = []
@@ -1174,9 +1184,7 @@ def stores(args) -> None:
             for (module_name, mode), f in passes.items():
                 name = f"{n_systems}|{module_name}|{layout}|{mode}"
                 rows.append((name, nbytes(tensor)))
-                for value in ("0", ""):
-                    variants[f"{name}|{value}"] = WithEnvironment(
-                        f, "RASCALINE_E3NN_STREAM_MIN_BYTES", value)
+                add_switched(variants, name, f, "RASCALINE_E3NN_STREAM_MIN_BYTES", ("0", ""))
     r = measure(variants, args.rounds, args.min_run_time, args.threads)
     os.environ.pop("RASCALINE_E3NN_STREAM_MIN_BYTES", None)
     print(f"\nnon-temporal stores always (before) against only from 4 MiB (default), "
