@@ -14,7 +14,7 @@ functions: 63 blocks, 9.4 MB of float32 values, featomic's exact metadata.
     python benchmarks/bench_adapters.py --page-cost       # first-touch cost of fresh memory pages
     python benchmarks/bench_adapters.py --bandwidth       # the clone in cache vs copies out of cache
     python benchmarks/bench_adapters.py --prefetch        # the fused kernel's prefetching on / off
-    python benchmarks/bench_adapters.py --stores          # non-temporal stores always / for large outputs
+    python benchmarks/bench_adapters.py --stores          # non-temporal stores always / for large outputs / never
     python benchmarks/bench_adapters.py --sweep           # size / lmax sweep -> sweep.json
     python benchmarks/plot.py                             # sweep.json -> scaling.png
 """
@@ -1152,9 +1152,14 @@ class ConsumeTensorMap(torch.nn.Module):
         return total
 
 
+#: RASCALINE_E3NN_STREAM_MIN_BYTES above every output: ordinary stores only
+NEVER_STREAM = str(1 << 40)
+
+
 def stores(args) -> None:
     """Non-temporal stores for every output (RASCALINE_E3NN_STREAM_MIN_BYTES=0, the
-    kernel before session 4) against the default (ordinary stores below 4 MiB), in
+    kernel before session 4), the default (ordinary stores below 4 MiB) and ordinary
+    stores for every output, in
     one process: the forward alone and followed by a layer reading its output, for 1,
     4 and 16 systems of the reference case (0.6, 2.4 and 9.4 MB float32), glibc
     keeping freed memory (keep_freed_memory)."""
@@ -1184,20 +1189,23 @@ def stores(args) -> None:
             for (module_name, mode), f in passes.items():
                 name = f"{n_systems}|{module_name}|{layout}|{mode}"
                 rows.append((name, nbytes(tensor)))
-                add_switched(variants, name, f, "RASCALINE_E3NN_STREAM_MIN_BYTES", ("0", ""))
+                add_switched(variants, name, f, "RASCALINE_E3NN_STREAM_MIN_BYTES",
+                             ("0", "", NEVER_STREAM))
     r = measure(variants, args.rounds, args.min_run_time, args.threads)
     os.environ.pop("RASCALINE_E3NN_STREAM_MIN_BYTES", None)
-    print(f"\nnon-temporal stores always (before) against only from 4 MiB (default), "
+    print(f"\nnon-temporal stores always (before), only from 4 MiB (default) and never, "
           f"featomic basis, float32, scripted, {args.threads} thread(s)\n")
     print(f"| {'MB':>5} | {'module':<17} | {'layout':<6} | {'pass':<15} | {'clone':>9} | "
-          f"{'always NT':>9} | {'default':>9} | {'default / always':>16} |")
-    print("|" + "|".join("-" * w for w in (7, 19, 8, 17, 11, 11, 11, 18)) + "|")
+          f"{'always NT':>9} | {'default':>9} | {'never NT':>9} | {'default / always':>16} | "
+          f"{'never / always':>14} |")
+    print("|" + "|".join("-" * w for w in (7, 19, 8, 17, 11, 11, 11, 11, 18, 16)) + "|")
     for name, size in rows:
         n_systems, module_name, layout, mode = name.split("|")
-        before, now = r[f"{name}|0"], r[f"{name}|"]
+        before, now, never = r[f"{name}|0"], r[f"{name}|"], r[f"{name}|{NEVER_STREAM}"]
         print(f"| {size / 1e6:>5.1f} | {module_name:<17} | {layout:<6} | {mode:<15} | "
               f"{fmt_time(r[f'clone {n_systems}']):>9} | {fmt_time(before):>9} | "
-              f"{fmt_time(now):>9} | {now / before:>16.2f} |")
+              f"{fmt_time(now):>9} | {fmt_time(never):>9} | {now / before:>16.2f} | "
+              f"{never / before:>14.2f} |")
 
 
 # ---------------------------------------------------------------------- main
@@ -1234,7 +1242,7 @@ def main(argv=None) -> None:
     parser.add_argument("--prefetch", action="store_true",
                         help="only: the fused kernel with and without software prefetching")
     parser.add_argument("--stores", action="store_true",
-                        help="only: non-temporal stores always against only for large outputs")
+                        help="only: non-temporal stores always, only for large outputs, never")
     parser.add_argument("--featomic", action="store_true",
                         help="only: real featomic SphericalExpansion batches (blocks of a "
                         "center type with different samples)")
