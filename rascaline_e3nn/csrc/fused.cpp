@@ -630,9 +630,9 @@ bool prefetching_enabled() {
 // Non-temporal stores only for outputs of at least this many bytes (default 4 MiB;
 // RASCALINE_E3NN_STREAM_MIN_BYTES, read at every call, for `bench_adapters.py
 // --stores`). A smaller output stays in the caches for the layer that reads it next
-// (ordinary stores: forward + a consumer 0.74-0.87x as long at 0.6 and 2.4 MB), a
+// (ordinary stores: forward + a consumer 0.79-0.96x as long at 0.6 and 2.4 MB), a
 // larger one would not, and ordinary stores then read every line first (forward
-// alone 1.35-1.83x as long at 9.4 MB).
+// alone 1.2-1.9x as long at 9.4 MB).
 constexpr int64_t STREAM_MIN_BYTES = 4 << 20;
 
 bool streaming_worth(int64_t output_bytes) {
