@@ -261,7 +261,7 @@ def test_forward_with_samples_equals_forward_and_samples(tensor, kernel, scripte
     if kernel == "fused" and not scripted:
         # the fused route: one call of the combined operator, none of the others
         ops = module._ops
-        for name in ("to_irreps_samples_map", "to_irreps_map", "samples_map"):
+        for name in ("to_irreps_samples_map", "to_irreps_map", "samples_map", "to_irreps"):
             def spy(*args, _name=name, _op=getattr(ops, name)):
                 calls.append(_name)
                 return _op(*args)
@@ -271,6 +271,7 @@ def test_forward_with_samples_equals_forward_and_samples(tensor, kernel, scripte
     source, leaves = with_grad(tensor)
     x, samples = module.forward_with_samples(source)
     if kernel == "fused" and not scripted:
+        # the combined operator did the work (no fallback to to_irreps)
         assert calls == ["to_irreps_samples_map"]
     assert torch.equal(x, module(tensor))
     assert samples == module.samples(tensor)
@@ -310,17 +311,20 @@ def test_forward_with_samples_unchecked_duplicates(kernel):
             method(duplicated)
 
 
+@pytest.mark.parametrize("prefetch", ["1", "0"])
 @pytest.mark.parametrize("basis", ["featomic", "e3nn"])
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
-def test_prefetching_changes_no_value(tensor, basis, layout, monkeypatch):
-    """RASCALINE_E3NN_PREFETCH=0 (the benchmarks' comparison) only drops the
-    prefetches: both directions, values and gradients, bit for bit."""
-    to_irreps = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel="fused")
-    to_tensor_map = to_irreps.inverse()
-    samples = to_irreps.samples(tensor)
+def test_fused_equals_torch_with_prefetching_on_and_off(
+    tensor, basis, layout, prefetch, monkeypatch
+):
+    """RASCALINE_E3NN_PREFETCH=0 (the benchmarks' comparison) is a code path of its own:
+    both directions, values and gradients, against the PyTorch-operator path."""
+    monkeypatch.setenv("RASCALINE_E3NN_PREFETCH", prefetch)
     results = []
-    for value in ("1", "0"):
-        monkeypatch.setenv("RASCALINE_E3NN_PREFETCH", value)
+    for kernel in ["torch", "fused"]:
+        to_irreps = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel=kernel)
+        to_tensor_map = to_irreps.inverse()
+        samples = to_irreps.samples(tensor)
         inputs, leaves = with_grad(tensor)
         x = to_irreps(inputs)
         x.backward(torch.linspace(-1, 1, x.numel(), dtype=x.dtype).reshape(x.shape))
@@ -330,4 +334,11 @@ def test_prefetching_changes_no_value(tensor, basis, layout, monkeypatch):
         results.append([x.detach(), y.grad] + [v.grad for v in leaves]
                        + [b.values.detach() for b in back.blocks()])
     for a, b in zip(*results):
-        assert torch.equal(a, b)
+        _exact_or_close(a, b, basis)
+
+
+def test_bad_stream_threshold_is_named(tensor, monkeypatch):
+    module = TensorMapToIrreps(tensor, kernel="fused")
+    monkeypatch.setenv("RASCALINE_E3NN_STREAM_MIN_BYTES", "4MB")
+    with pytest.raises(RuntimeError, match="RASCALINE_E3NN_STREAM_MIN_BYTES"):
+        module(tensor)

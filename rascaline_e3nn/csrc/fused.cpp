@@ -326,7 +326,8 @@ RASCALINE_E3NN_INLINE void emit(T* __restrict__ dst, const T* __restrict__ src, 
 // In a training step the kernels' inputs are not in the caches (the other pass and
 // the model evicted them), and the hardware prefetchers do not keep up with the 20-odd
 // block streams of a group: prefetching the next rows made the scripted forward +
-// backward steps 20-25% faster (benchmarks/README.md), standalone calls unchanged.
+// backward steps 0.67-0.98x as long, forwards alone 0.73-1.06x (`bench_adapters.py
+// --prefetch`, benchmarks/README.md).
 template <int LOCALITY>
 RASCALINE_E3NN_INLINE void prefetch(const void* p, int64_t bytes) {
 #if defined(__GNUC__)
@@ -639,7 +640,10 @@ bool streaming_worth(int64_t output_bytes) {
     const char* value = std::getenv("RASCALINE_E3NN_STREAM_MIN_BYTES");
     int64_t threshold = STREAM_MIN_BYTES;
     if (value != nullptr && *value != '\0') {
-        threshold = std::strtoll(value, nullptr, 10);
+        char* end = nullptr;
+        threshold = std::strtoll(value, &end, 10);
+        TORCH_CHECK(end != value && *end == '\0' && threshold >= 0,
+            "RASCALINE_E3NN_STREAM_MIN_BYTES must be a number of bytes (>= 0), got '", value, "'");
     }
     return output_bytes >= threshold;
 }
@@ -1084,6 +1088,12 @@ struct AxisLabels {
     int64_t count = 0;
     int64_t size = 0;
 
+    // a copy would clone the handle but keep the original's `values`
+    AxisLabels(const AxisLabels&) = delete;
+    AxisLabels& operator=(const AxisLabels&) = delete;
+    AxisLabels(AxisLabels&&) = default;
+    AxisLabels& operator=(AxisLabels&&) = default;
+
     AxisLabels(const metatensor_torch::TensorBlock& block, uintptr_t axis)
         : labels(block->as_metatensor().labels(axis)) {
         const auto array = labels.values_cpu();
@@ -1212,7 +1222,7 @@ Collected collect_map(
         const auto& mine = block_samples.back();
         if (mine.size != n_sample_dims) return not_fast;
         auto g = block_group[t];
-        if (samples[g] == nullptr) {
+        if (sample_count[g] < 0) {
             samples[g] = mine.values;
             sample_count[g] = mine.count;
         } else if (!mine.equals(samples[g], sample_count[g], n_sample_dims)) {
