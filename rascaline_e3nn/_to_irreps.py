@@ -82,8 +82,8 @@ class TensorMapToIrreps(torch.nn.Module):
         How values move on the CPU. ``"torch"`` (default): PyTorch operators only,
         so that a scripted module loads wherever metatensor-torch does.
         ``"fused"``: metadata checks and one pass over the data in compiled code,
-        3.1-7.9x faster forward, 4.2-6.5x faster forward+backward, no
-        intermediates and a 7-10x lower per-call floor on the benchmarks'
+        3.8-7.9x faster forward, 4.3-6.3x faster forward+backward, no
+        intermediates and a 7x lower per-call floor on the benchmarks'
         reference case (benchmarks/README.md, 2 threads); the kernel is compiled on
         first use (~40 s, cached), and a scripted module using it needs
         ``torch.ops.load_library(rascaline_e3nn.library_path())`` in the process
