@@ -687,7 +687,8 @@ void scatter_kernel(
     const std::vector<Sparse<T>>& basis,
     T* out,
     int64_t dim,
-    bool streaming
+    bool streaming,
+    bool prefetching
 ) {
     auto n_groups = static_cast<int64_t>(plan.by_group.size());
     for (int64_t g = 0; g < n_groups; g++) {
@@ -716,7 +717,6 @@ void scatter_kernel(
         }
         const MemberRows<T> sources(plan, members, values, maps);
         const int64_t* rows = position + plan.group_start[g];
-        const bool prefetching = prefetching_enabled();
         at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
             std::vector<const T*> src(members.size());
             std::vector<T> work(dim + plan.max_k * std::max<int64_t>(plan.max_props, 1));
@@ -755,7 +755,8 @@ void gather_kernel(
     const std::vector<Sparse<T>>& basis,
     const std::vector<const int64_t*>& maps,
     std::vector<Tensor>& values,
-    bool streaming
+    bool streaming,
+    bool prefetching
 ) {
     auto n_groups = static_cast<int64_t>(plan.by_group.size());
     for (int64_t g = 0; g < n_groups; g++) {
@@ -779,7 +780,6 @@ void gather_kernel(
             }
         }
         const int64_t* positions = position + plan.group_start[g];
-        const bool prefetching = prefetching_enabled();
         at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
             std::vector<const T*> rows(CHUNK);
             std::vector<T*> dst(CHUNK);
@@ -884,7 +884,8 @@ Tensor to_irreps_kernel(
     AT_DISPATCH_FLOATING_TYPES(dtype, "rascaline_e3nn::to_irreps", [&] {
         auto D = sparse_basis<scalar_t>(basis, max_l_of(plan), /*transpose=*/false);
         scatter_kernel<scalar_t>(plan, values, maps, pos, D, out.data_ptr<scalar_t>(), dim,
-                                 streaming_worth(out.numel() * out.element_size()));
+                                 streaming_worth(out.numel() * out.element_size()),
+                                 prefetching_enabled());
     });
     return out;
 }
@@ -918,7 +919,8 @@ std::vector<Tensor> from_irreps_kernel(
     AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "rascaline_e3nn::from_irreps", [&] {
         auto D = sparse_basis<scalar_t>(basis, max_l_of(plan), /*transpose=*/true);
         gather_kernel<scalar_t>(plan, x.data_ptr<scalar_t>(), dim, pos, D, maps, values,
-                                streaming_worth(x.numel() * x.element_size()));
+                                streaming_worth(x.numel() * x.element_size()),
+                                prefetching_enabled());
     });
     return values;
 }
