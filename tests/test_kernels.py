@@ -225,6 +225,65 @@ def test_batch_with_unsorted_block_samples(basis):
         _exact_or_close(fused(source), template(batch), basis)
 
 
+@pytest.mark.parametrize("basis", ["featomic", "e3nn"])
+def test_groups_with_shared_unsorted_samples(basis):
+    """The kernel orders the rows by merging every group's rows when each group's are
+    sorted (featomic's); a group whose blocks share samples that are not sorted takes
+    a stable sort instead: both give the default path's rows and values."""
+    batch = spherical_expansion(max_angular=2, max_radial=1)(molecules())
+    # every block of a center type with the samples of the group's union (zeros where
+    # featomic had none), then one permutation per center type for all its blocks
+    dense = TensorMap(batch.keys, [
+        TensorBlock(values=v, samples=s, components=b.components, properties=b.properties)
+        for b, v, s in _densified(batch)
+    ])
+    blocks = []
+    permutations = {}
+    for key, block in dense.items():
+        center = int(key["center_type"])
+        n = len(block.samples)
+        if center not in permutations:
+            permutations[center] = torch.randperm(n, generator=torch.Generator().manual_seed(center))
+        order = permutations[center]
+        blocks.append(TensorBlock(
+            values=block.values[order],
+            samples=Labels(block.samples.names, block.samples.values[order]),
+            components=block.components,
+            properties=block.properties,
+        ))
+    assert any(not torch.equal(p, torch.sort(p).values) for p in permutations.values())
+    tensor = TensorMap(dense.keys, blocks)
+    template = TensorMapToIrreps(tensor, basis=basis, kernel="torch")
+    fused = TensorMapToIrreps(tensor, basis=basis, kernel="fused")
+    for source in (dense, tensor):
+        assert fused._fused_map(source)[0]  # handled by the kernel
+        _exact_or_close(fused(source), template(source), basis)
+        assert fused.samples(source) == template.samples(source)
+    # the permuted map gives the rows of the sorted one
+    _exact_or_close(fused(tensor), template(dense), basis)
+
+
+def _densified(batch):
+    """(block, values, samples) with every block of a center type on the union of the
+    type's samples (zeros for the rows it lacks)."""
+    unions = {}
+    for key, block in batch.items():
+        center = int(key["center_type"])
+        rows = block.samples.values
+        unions[center] = rows if center not in unions else torch.cat([unions[center], rows])
+    for center, rows in unions.items():
+        unions[center] = torch.unique(rows, dim=0)
+    result = []
+    for key, block in batch.items():
+        rows = unions[int(key["center_type"])]
+        values = torch.zeros((len(rows),) + tuple(block.values.shape[1:]), dtype=block.values.dtype)
+        index = {tuple(r.tolist()): i for i, r in enumerate(rows)}
+        for j, r in enumerate(block.samples.values):
+            values[index[tuple(r.tolist())]] = block.values[j]
+        result.append((block, values, Labels(block.samples.names, rows)))
+    return result
+
+
 def test_auto_falls_back_when_the_kernel_is_unavailable():
     """RASCALINE_E3NN_KERNEL=torch stands for a machine where the build fails:
     "auto" falls back to PyTorch operators, "fused" says why it cannot."""
