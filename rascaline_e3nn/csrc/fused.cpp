@@ -619,33 +619,45 @@ RASCALINE_E3NN_INLINE void put_unit(const UnitView<T>& u, const T* const* __rest
 
 // from_irreps, block j of a unit, rows [0, n) of a chunk: the block rows `dst[i]`
 // ([2l+1, P], featomic basis; nullptr: no entry for this row) from the columns of the
-// flat rows `rows[i]`; D lists the transpose (x_featomic[a] = sum_b D[b, a] x_e3nn[b])
-// or is nullptr. Block after block (not row after row as in put_unit): every block
-// row is then written in one go, and consecutive rows of a block are adjacent, so
-// that each block is one sequential stream of (non-temporal) stores.
+// flat rows `rows[i]`; u.D lists the transpose (x_featomic[a] = sum_b D[b, a]
+// x_e3nn[b]) or is nullptr. Block after block (not row after row as in put_unit):
+// every block row is then written in one go, and consecutive rows of a block are
+// adjacent, so that each block is one sequential stream of (non-temporal) stores.
 // `work`: 2 (2l+1) P values.
 template <typename T, int PF>
-inline void get_member(const Unit& unit, size_t j, const Block& b, const T* const* rows,
-                       T* const* dst, int64_t n, const Sparse<T>* D, T* __restrict__ work,
-                       bool stream) {
-    const int64_t K = 2 * unit.l + 1;
-    const int64_t P = PF > 0 ? PF : b.n_props;
-    const int64_t first = unit.firsts[j];
-    for (int64_t i = 0; i < n; i++) {
-        T* __restrict__ d = dst[i];
-        if (d == nullptr) continue;
-        const T* __restrict__ row = rows[i] + first;
-        if (unit.kind == UNIT_IR_MUL) {
-            if (D == nullptr) {
-                for (int64_t a = 0; a < K; a++) emit<T, PF>(d + a * P, row + a * unit.step, P, stream);
-            } else {
+RASCALINE_E3NN_INLINE void get_member(const UnitView<T>& u, int64_t j, const T* const* __restrict__ rows,
+                                      T* const* __restrict__ dst, int64_t n, T* __restrict__ work,
+                                      bool stream) {
+    const int64_t K = u.K;
+    const int64_t P = PF > 0 ? PF : u.n_props[j];
+    const int64_t first = u.firsts[j];
+    const int64_t step = u.step;
+    const Sparse<T>* D = u.D;
+    if (u.kind == UNIT_IR_MUL) {
+        if (D == nullptr) {
+            for (int64_t i = 0; i < n; i++) {
+                T* __restrict__ d = dst[i];
+                if (d == nullptr) continue;
+                const T* __restrict__ row = rows[i] + first;
+                for (int64_t a = 0; a < K; a++) emit<T, PF>(d + a * P, row + a * step, P, stream);
+            }
+        } else {
+            for (int64_t i = 0; i < n; i++) {
+                T* __restrict__ d = dst[i];
+                if (d == nullptr) continue;
+                const T* __restrict__ row = rows[i] + first;
                 for (int64_t a = 0; a < K; a++) {
-                    combine<T, PF>(work, row, P, unit.step, d_row(D, a));
+                    combine<T, PF>(work, row, P, step, d_row(D, a));
                     emit<T, PF>(d + a * P, work, P, stream);
                 }
             }
-        } else if (unit.kind == UNIT_MUL_IR) {
-            // [P, 2l+1] columns, transposed into the block row (then D)
+        }
+    } else if (u.kind == UNIT_MUL_IR) {
+        // [P, 2l+1] columns, transposed into the block row (then D)
+        for (int64_t i = 0; i < n; i++) {
+            T* __restrict__ d = dst[i];
+            if (d == nullptr) continue;
+            const T* __restrict__ row = rows[i] + first;
             T* __restrict__ into = (stream || D != nullptr) ? work : d;
             transpose(row, P, K, into);
             if (D != nullptr) {
@@ -657,8 +669,10 @@ inline void get_member(const Unit& unit, size_t j, const Block& b, const T* cons
             } else if (stream) {
                 emit<T, 0>(d, work, K * P, true);
             }
-        } else {
-            get_generic<T>(b, rows[i], D, work, d);
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            if (dst[i] != nullptr) get_generic<T>(*u.block, rows[i], D, work, dst[i]);
         }
     }
 }
@@ -672,11 +686,6 @@ inline void get_member(const Unit& unit, size_t j, const Block& b, const T* cons
         case 13: CALL(13); break; case 14: CALL(14); break; case 15: CALL(15); break; \
         case 16: CALL(16); break; default: CALL(0); break; \
     }
-
-template <typename T>
-const Sparse<T>* basis_of(const std::vector<Sparse<T>>& basis, int64_t l) {
-    return (!basis.empty() && l >= 1) ? &basis[l] : nullptr;
-}
 
 // rows of a group per task of at::parallel_for
 constexpr int64_t GRAIN = 16;
@@ -832,11 +841,12 @@ void gather_kernel(
             continue;
         }
         auto units = row_program(plan, g);
+        const auto views = views_of<T>(units, plan, members, basis);
         const MemberRows<T> targets(plan, members, values, maps);
         // non-temporal stores (when streaming) into a block where its rows and runs
         // start on 16 bytes
         auto aligned = [&](int64_t count) { return (count * static_cast<int64_t>(sizeof(T))) % 16 == 0; };
-        std::vector<bool> stream(members.size(), false);
+        std::vector<char> stream(members.size(), 0);
         for (const auto& unit: units) {
             for (auto k: unit.members) {
                 const auto& b = plan.blocks[members[k]];
@@ -857,14 +867,12 @@ void gather_kernel(
                 for (int64_t i = c1; prefetching && i < std::min(end, c1 + CHUNK); i++) {
                     prefetch<2>(x + positions[i] * dim, dim * static_cast<int64_t>(sizeof(T)));
                 }
-                for (const auto& unit: units) {
-                    auto D = basis_of(basis, unit.l);
-                    for (size_t j = 0; j < unit.members.size(); j++) {
-                        auto k = unit.members[j];
+                for (const auto& u: views) {
+                    for (int64_t j = 0; j < u.nb; j++) {
+                        auto k = u.members[j];
                         for (int64_t i = c0; i < c1; i++) dst[i - c0] = targets.at(k, i);
-                        const auto& b = plan.blocks[members[k]];
-#define RASCALINE_E3NN_GET(PF) get_member<T, PF>(unit, j, b, rows.data(), dst.data(), c1 - c0, D, work.data(), stream[k])
-                        RASCALINE_E3NN_BY_PROPERTIES(unit.props, RASCALINE_E3NN_GET)
+#define RASCALINE_E3NN_GET(PF) get_member<T, PF>(u, j, rows.data(), dst.data(), c1 - c0, work.data(), stream[k])
+                        RASCALINE_E3NN_BY_PROPERTIES(u.props, RASCALINE_E3NN_GET)
 #undef RASCALINE_E3NN_GET
                     }
                 }
