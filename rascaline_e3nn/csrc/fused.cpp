@@ -1170,8 +1170,8 @@ struct AxisLabels {
     AxisLabels(AxisLabels&&) = default;
     AxisLabels& operator=(AxisLabels&&) = default;
 
-    AxisLabels(const metatensor_torch::TensorBlock& block, uintptr_t axis)
-        : labels(block->as_metatensor().labels(axis)) {
+    AxisLabels(const metatensor::TensorBlock& block, uintptr_t axis)
+        : labels(block.labels(axis)) {
         const auto array = labels.values_cpu();
         values = array.data();
         count = static_cast<int64_t>(array.shape()[0]);
@@ -1191,6 +1191,25 @@ struct AxisLabels {
         return equals(c.data_ptr<int32_t>(), c.size(0), c.size(1));
     }
 };
+
+// The values of a block (a view inside its TensorMap), without the TorchScript
+// TensorBlock holder: TensorMapHolder::blocks() built one per block and call (~20 us
+// of a 63-block call). Undefined when the array does not hold a torch::Tensor.
+Tensor block_values(metatensor::TensorBlock& block) {
+    static const mts_data_origin_t torch_origin =
+        metatensor_torch::TorchDataArray(torch::empty({0})).origin();
+    mts_array_t array;
+    std::memset(&array, 0, sizeof(array));
+    // a reference to the block's array, not a copy: never destroyed here
+    metatensor::details::check_status(mts_block_data(block.as_mts_block_t(), &array));
+    if (array.ptr == nullptr || array.origin == nullptr) return Tensor();
+    mts_data_origin_t origin = 0;
+    metatensor::details::check_status(array.origin(array.ptr, &origin));
+    if (origin != torch_origin) return Tensor();
+    auto* torch_array = dynamic_cast<metatensor_torch::TorchDataArray*>(
+        static_cast<metatensor::DataArrayBase*>(array.ptr));
+    return torch_array != nullptr ? torch_array->tensor() : Tensor();
+}
 
 struct Collected {
     bool ok = false;
@@ -1263,8 +1282,11 @@ Collected collect_map(
     if (tensor->sample_names() != sample_names) return not_fast;
     if (tensor->component_names() != std::vector<std::string>{"o3_mu"}) return not_fast;
     if (tensor->property_names() != property_names) return not_fast;
-    auto blocks = metatensor_torch::TensorMapHolder::blocks(tensor);
-    if (!blocks[0]->gradients_list().empty()) return not_fast;
+    auto& map = tensor->as_metatensor();
+    std::vector<metatensor::TensorBlock> blocks;
+    blocks.reserve(n_in);
+    for (int64_t i = 0; i < n_in; i++) blocks.push_back(map.block_by_id(static_cast<uintptr_t>(i)));
+    if (!blocks[0].gradients_list().empty()) return not_fast;
 
     // ---- blocks
     std::vector<Tensor> values;
@@ -1275,14 +1297,16 @@ Collected collect_map(
     std::vector<int64_t> sample_count(n_groups, -1);
     std::vector<bool> shared(n_groups, true);
     auto n_sample_dims = static_cast<int64_t>(sample_names.size());
-    auto dtype = blocks[0]->values().scalar_type();
+    auto first_values = block_values(blocks[0]);
+    if (!first_values.defined()) return not_fast;
+    auto dtype = first_values.scalar_type();
     if (dtype != torch::kFloat32 && dtype != torch::kFloat64) return not_fast;
     for (int64_t i = 0; i < n_in; i++) {
         auto t = slots[i];
-        const auto& block = blocks[i];
-        auto value = block->values();
+        auto& block = blocks[i];
+        auto value = block_values(block);
         auto l = block_l[t];
-        if (value.dim() != 3 || value.size(1) != 2 * l + 1 || !value.device().is_cpu()
+        if (!value.defined() || value.dim() != 3 || value.size(1) != 2 * l + 1 || !value.device().is_cpu()
             || value.scalar_type() != dtype) {
             return not_fast;
         }
