@@ -82,9 +82,9 @@ class TensorMapToIrreps(torch.nn.Module):
         How values move on the CPU. ``"torch"`` (default): PyTorch operators only,
         so that a scripted module loads wherever metatensor-torch does.
         ``"fused"``: metadata checks and one pass over the data in compiled code,
-        3.8-7.9x faster forward, 4.3-6.3x faster forward+backward, no
-        intermediates and a 7x lower per-call floor on the benchmarks'
-        reference case (benchmarks/README.md, 2 threads); the kernel is compiled on
+        5.8-12x faster forward, 4.6-7.3x faster forward+backward, no
+        intermediates on the benchmarks' reference case and a 17x lower per-call
+        floor (benchmarks/README.md, 2 threads); the kernel is compiled on
         first use (~40 s, cached), and a scripted module using it needs
         ``torch.ops.load_library(rascaline_e3nn.library_path())`` in the process
         that loads it. ``"auto"``: fused when the kernel can be built, else torch.
