@@ -284,6 +284,31 @@ def _densified(batch):
     return result
 
 
+def test_forward_mode_tangents_are_never_dropped():
+    """Without inputs requiring grad the kernel skips its autograd Function; dual
+    tensors (forward-mode AD) must still reach it, and it refuses them (no jvp) rather
+    than returning values without their tangent. The default path propagates them."""
+    import torch.autograd.forward_ad as fwAD
+
+    tensor = lode(max_angular=2, max_radial=1)([water_sodium()]).to(dtype=torch.float64)
+    fused = TensorMapToIrreps(tensor, kernel="fused")
+    default = TensorMapToIrreps(tensor, kernel="torch")
+    with fwAD.dual_level():
+        dual = TensorMap(tensor.keys, [
+            TensorBlock(
+                values=fwAD.make_dual(b.values, torch.ones_like(b.values)),
+                samples=b.samples, components=b.components, properties=b.properties,
+            )
+            for b in tensor.blocks()
+        ])
+        assert fwAD.unpack_dual(default(dual)).tangent is not None
+        with pytest.raises(RuntimeError, match="jvp"):
+            fused(dual)
+        x = fwAD.make_dual(fused(tensor), torch.ones_like(fused(tensor)))
+        with pytest.raises(RuntimeError, match="jvp"):
+            fused.inverse()(x, fused.samples(tensor))
+
+
 def test_auto_falls_back_when_the_kernel_is_unavailable():
     """RASCALINE_E3NN_KERNEL=torch stands for a machine where the build fails:
     "auto" falls back to PyTorch operators, "fused" says why it cannot."""

@@ -508,6 +508,9 @@ std::vector<UnitView<T>> views_of(const std::vector<Unit>& units, const Plan& pl
         v.members = unit.members.data();
         v.firsts = unit.firsts.data();
         v.n_props = unit.n_props.data();
+        // a GENERIC unit has one block (row_program never adds to one)
+        TORCH_CHECK(unit.kind != UNIT_GENERIC || unit.members.size() == 1,
+            "rascaline_e3nn: a GENERIC unit with ", unit.members.size(), " blocks");
         v.block = &plan.blocks[members[unit.members[0]]];
         v.D = (!basis.empty() && unit.l >= 1) ? &basis[unit.l] : nullptr;
         views.push_back(v);
@@ -538,14 +541,12 @@ RASCALINE_E3NN_INLINE void put_unit(const UnitView<T>& u, const T* const* __rest
                 const int64_t* firsts = u.firsts;
                 if (D == nullptr && u.dense) {
                     // the m-rows of the blocks side by side: one sequential run of stores
-                    T* __restrict__ o = row + firsts[0];
-                    const int64_t skip = u.step - nb * PF;
                     for (int64_t a = 0; a < K; a++) {
+                        T* __restrict__ o = row + firsts[0] + a * u.step;
                         for (int64_t j = 0; j < nb; j++) {
                             emit<T, PF>(o, from[j] + a * PF, PF, stream);
                             o += PF;
                         }
-                        o += skip;
                     }
                     return;
                 }
@@ -704,9 +705,11 @@ bool prefetching_enabled() {
 // Non-temporal stores only for outputs of at least this many bytes (default 4 MiB;
 // RASCALINE_E3NN_STREAM_MIN_BYTES, read at every call, for `bench_adapters.py
 // --stores`). A smaller output stays in the caches for the layer that reads it next
-// (ordinary stores: forward + a consumer 0.79-0.96x as long at 0.6 and 2.4 MB), a
-// larger one would not, and ordinary stores then read every line first (forward
-// alone 1.2-1.9x as long at 9.4 MB).
+// (ordinary stores: TensorMapToIrreps + a consumer 0.77-0.95x as long at 0.6 and
+// 2.4 MB; IrrepsToTensorMap 0.84-0.98x with 1 thread but 1.3-2.4x *longer* with 2 in
+// session 5's run, benchmarks/README.md: left as is until both are measured in one
+// session), a larger one would not, and ordinary stores then read every line first
+// (forward alone 1.2-1.9x as long at 9.4 MB).
 constexpr int64_t STREAM_MIN_BYTES = 4 << 20;
 
 bool streaming_worth(int64_t output_bytes) {
@@ -1111,6 +1114,10 @@ public:
 // column table among them) cost ~20 us a call: a scripted TensorMapToIrreps forward
 // on 1 x 8 atoms (63 blocks) took 0.75x as long without, IrrepsToTensorMap 0.85x
 bool needs_graph(const std::vector<Tensor>& inputs) {
+    for (const auto& t: inputs) {
+        // forward-mode AD (dual tensors): the Function, which names what it lacks
+        if (t.defined() && t._fw_grad(/*level=*/0).defined()) return true;
+    }
     if (!at::GradMode::is_enabled()) return false;
     for (const auto& t: inputs) {
         if (t.defined() && t.requires_grad()) return true;
@@ -1503,10 +1510,10 @@ Collected collect_map(
         }
     }
     if (runs_sorted) {
-        for (int64_t width = 1; width < n_groups; width *= 2) {
-            for (int64_t g = 0; g + width < n_groups; g += 2 * width) {
-                auto middle = group_start[g + width];
-                auto stop = group_start[std::min(n_groups, g + 2 * width)];
+        for (int64_t span = 1; span < n_groups; span *= 2) {
+            for (int64_t g = 0; g + span < n_groups; g += 2 * span) {
+                auto middle = group_start[g + span];
+                auto stop = group_start[std::min(n_groups, g + 2 * span)];
                 std::inplace_merge(order.begin() + group_start[g], order.begin() + middle,
                                    order.begin() + stop, less);
             }
