@@ -464,12 +464,12 @@ RASCALINE_E3NN_INLINE void get_generic(const Block& b, const T* __restrict__ row
     }
 }
 
-// A unit as the row loop of to_irreps reads it: plain values and pointers (into its
-// Unit and the Plan, which outlive the loop), D resolved once per group. The loop
-// used to look these up in the Unit's vectors and the Plan for every unit of every
-// row; hoisted, the scripted TensorMapToIrreps forward of the reference case takes
-// 0.82-0.95x as long with 1 thread, 0.93-0.97x with 2 (old and new loops interleaved
-// in one process; the kernel alone 0.77x with 1 thread).
+// A unit as the row loops of both kernels read it: plain values and pointers (into
+// its Unit and the Plan, which outlive the loops), D resolved once per group. The
+// to_irreps loop used to look these up in the Unit's vectors and the Plan for every
+// unit of every row; hoisted, the scripted TensorMapToIrreps forward of the reference
+// case takes 0.82-0.95x as long with 1 thread, 0.93-0.97x with 2 (old and new loops
+// interleaved in one process; the kernel alone 0.77x with 1 thread).
 template <typename T>
 struct UnitView {
     UnitKind kind;
@@ -1114,13 +1114,11 @@ public:
 // column table among them) cost ~20 us a call: a scripted TensorMapToIrreps forward
 // on 1 x 8 atoms (63 blocks) took 0.75x as long without, IrrepsToTensorMap 0.85x
 bool needs_graph(const std::vector<Tensor>& inputs) {
+    const bool recording = at::GradMode::is_enabled();
     for (const auto& t: inputs) {
-        // forward-mode AD (dual tensors): the Function, which names what it lacks
-        if (t.defined() && t._fw_grad(/*level=*/0).defined()) return true;
-    }
-    if (!at::GradMode::is_enabled()) return false;
-    for (const auto& t: inputs) {
-        if (t.defined() && t.requires_grad()) return true;
+        if (!t.defined()) continue;
+        // forward-mode AD (dual tensors) too: the Function names what it lacks (jvp)
+        if (t._fw_grad(/*level=*/0).defined() || (recording && t.requires_grad())) return true;
     }
     return false;
 }
@@ -1329,7 +1327,7 @@ Collected collect_map(
     for (int64_t i = 0; i < n_in; i++) {
         auto t = slots[i];
         auto& block = blocks[i];
-        auto value = block_values(block);
+        auto value = i == 0 ? first_values : block_values(block);
         auto l = block_l[t];
         if (!value.defined() || value.dim() != 3 || value.size(1) != 2 * l + 1 || !value.device().is_cpu()
             || value.scalar_type() != dtype) {
