@@ -853,6 +853,34 @@ def print_host_reads(args) -> None:
 # ---------------------------------------------------------------------- extra modes
 
 
+def print_output_addresses(args, calls: int = 10) -> None:
+    """Distinct output addresses over ``calls`` calls (float32, reference case): an
+    output written at the address the previous call's output had freed is still in the
+    caches when it is written again, one at a new address is not (glibc picks; the
+    adapters' other allocations in each call move it)."""
+    tensor = featomic_like(args.systems, args.atoms, args.lmax, args.radial)
+    buffer = torch.randn(nbytes(tensor) // 4)
+    fused = TensorMapToIrreps(tensor, basis="featomic", layout="ir_mul", kernel="fused")
+    x, samples = fused(tensor), fused.samples(tensor)
+    forward, inverse = script(fused), script(fused.inverse())
+    print(f"\nOutput addresses of {calls} consecutive calls (float32, reference case, after 3 "
+          "warm-up calls; the previous output freed before each call):")
+    for name, f in (
+        ("clone", lambda: buffer.clone()),
+        ("TensorMapToIrreps script-fused featomic ir_mul", lambda: forward(tensor)),
+        ("IrrepsToTensorMap script-fused featomic ir_mul (first block)",
+         lambda: inverse(x, samples).block(0).values),
+    ):
+        for _ in range(3):
+            f()
+        addresses = set()
+        for _ in range(calls):
+            out = f()
+            addresses.add(out.data_ptr())
+            del out
+        print(f"  {name:<62} {len(addresses)} distinct")
+
+
 def check_overhead(args) -> None:
     print("\ncheck=True vs check=False, TensorMapToIrreps forward, float32, e3nn, mul_ir:\n")
     print(f"| {'case':<24} | {'impl':<6} | {'check=True':>10} | {'check=False':>11} | {'overhead':>8} |")
@@ -904,14 +932,18 @@ def profile_slowest(args) -> None:
 
 
 def sweep(args) -> None:
-    """Clone / chain / adapters vs size: atoms at lmax 6, then lmax at 16 x 125 atoms."""
+    """Clone / chain / adapters vs size: atoms at lmax 6, then lmax at 16 x 125 atoms;
+    TensorMapToIrreps in every kernel and basis, IrrepsToTensorMap (featomic basis,
+    mul_ir, kernel=fused) against the hand-written inverse chain."""
     cases = [(1, 8, 6), (1, 125, 6), (4, 125, 6), (16, 125, 6), (64, 125, 6), (400, 125, 6)]
     cases += [(16, 125, l) for l in (2, 4, 8)]
     records = []
     print(f"\n| {'case':<28} | {'MB':>7} | {'clone':>9} | {'chain':>9} | {'eager':>9} | "
           f"{'script':>9} | {'script e3nn':>11} | {'fused':>9} | {'fused e3nn':>10} | "
-          f"{'chain/script':>12} | {'chain/fused':>11} |")
-    print("|" + "|".join("-" * w for w in (30, 9, 11, 11, 11, 11, 13, 11, 12, 14, 13)) + "|")
+          f"{'chain/script':>12} | {'chain/fused':>11} | {'inv chain':>9} | {'inv fused':>9} | "
+          f"{'inv chain/fused':>15} |")
+    print("|" + "|".join(
+        "-" * w for w in (30, 9, 11, 11, 11, 11, 13, 11, 12, 14, 13, 11, 11, 17)) + "|")
     for systems, atoms, lmax in cases:
         tensor = featomic_like(systems, atoms, lmax, args.radial)
         size = nbytes(tensor)
@@ -922,6 +954,11 @@ def sweep(args) -> None:
         scripted_e3nn = script(TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir"))
         fused = script(TensorMapToIrreps(tensor, basis="featomic", layout="mul_ir", kernel="fused"))
         fused_e3nn = script(TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir", kernel="fused"))
+        x, samples = chain_to_irreps(tensor, "mul_ir", None)
+        chain_inverse = ChainInverse(tensor, "mul_ir", None)
+        inverse_fused = script(
+            TensorMapToIrreps(tensor, basis="featomic", layout="mul_ir", kernel="fused").inverse()
+        )
         variants = {
             "script fused": lambda: fused(tensor),
             "script fused e3nn": lambda: fused_e3nn(tensor),
@@ -931,6 +968,8 @@ def sweep(args) -> None:
             "eager": lambda: eager(tensor),
             "script": lambda: scripted(tensor),
             "script e3nn": lambda: scripted_e3nn(tensor),
+            "inverse chain": lambda: chain_inverse(x, samples),
+            "inverse script fused": lambda: inverse_fused(x, samples),
         }
         r = measure(variants, args.sweep_rounds, args.min_run_time, args.threads)
         case = f"{systems} x {atoms} atoms, lmax {lmax}"
@@ -939,19 +978,24 @@ def sweep(args) -> None:
             f"{fmt_time(r['chain']):>9} | {fmt_time(r['eager']):>9} | "
             f"{fmt_time(r['script']):>9} | {fmt_time(r['script e3nn']):>11} | "
             f"{fmt_time(r['script fused']):>9} | {fmt_time(r['script fused e3nn']):>10} | "
-            f"{r['chain'] / r['script']:>11.2f}x | {r['chain'] / r['script fused']:>10.2f}x |",
+            f"{r['chain'] / r['script']:>11.2f}x | {r['chain'] / r['script fused']:>10.2f}x | "
+            f"{fmt_time(r['inverse chain']):>9} | {fmt_time(r['inverse script fused']):>9} | "
+            f"{r['inverse chain'] / r['inverse script fused']:>14.2f}x |",
             flush=True,
         )
         records.append(
             dict(systems=systems, atoms=systems * atoms, lmax=lmax, bytes=size, seconds=r)
         )
-        del tensor, buffer
+        del tensor, buffer, x
     floor = records[0]["seconds"]
     print(
         f"\nper-call floor (1 system x 8 atoms, lmax 6): adapter script "
         f"{fmt_time(floor['script'])}, script fused {fmt_time(floor['script fused'])}, "
         f"eager {fmt_time(floor['eager'])}, chain "
-        f"{fmt_time(floor['chain'])}, clone {fmt_time(floor['clone'])}"
+        f"{fmt_time(floor['chain'])}, clone {fmt_time(floor['clone'])}; IrrepsToTensorMap "
+        f"script fused {fmt_time(floor['inverse script fused'])}, inverse chain "
+        f"{fmt_time(floor['inverse chain'])} "
+        f"({floor['inverse chain'] / floor['inverse script fused']:.1f}x)"
     )
     path = os.path.join(HERE, "sweep.json")
     with open(path, "w") as f:
@@ -1309,6 +1353,7 @@ def main(argv=None) -> None:
 
     print_memory(args)
     print_host_reads(args)
+    print_output_addresses(args)
     if args.check_overhead:
         check_overhead(args)
     if args.profile:

@@ -1,6 +1,7 @@
 """Plot ``benchmarks/sweep.json`` (from ``bench_adapters.py --sweep``) as
 ``benchmarks/scaling.png``: time per call vs input size, log-log, for the clone of
-the same bytes, the metatensor chain and the adapters (TensorMapToIrreps forward).
+the same bytes, the metatensor chain and the adapters (TensorMapToIrreps forward;
+IrrepsToTensorMap forward against the hand-written inverse, where the file has them).
 
     python benchmarks/plot.py [--input benchmarks/sweep.json] [--output benchmarks/scaling.png]
 """
@@ -27,6 +28,10 @@ SERIES = [
     ("script fused", "TensorMapToIrreps script, kernel=fused", dict(color="tab:purple", marker="D")),
     ("script fused e3nn", "TensorMapToIrreps script, kernel=fused (e3nn)",
      dict(color="tab:purple", marker="d", ls=":")),
+    ("inverse chain", "hand-written inverse chain (featomic)",
+     dict(color="tab:orange", marker="x", ls="-.")),
+    ("inverse script fused", "IrrepsToTensorMap script, kernel=fused",
+     dict(color="tab:brown", marker="P", ls="-.")),
 ]
 
 
@@ -66,7 +71,7 @@ def main(argv=None) -> None:
     axes[0].legend(fontsize=8)
     m = data["machine"]
     fig.suptitle(
-        f"TensorMapToIrreps forward vs clone and metatensor chain — {m['cpu']}, "
+        f"TensorMapToIrreps / IrrepsToTensorMap forward vs clone and the chains — {m['cpu']}, "
         f"{m['torch threads']} threads, torch {m['torch']}, 3 atom types, "
         f"{data['radial']} radial; GPU unmeasured",
         fontsize=9,
