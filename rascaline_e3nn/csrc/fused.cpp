@@ -215,7 +215,9 @@ int64_t max_l_of(const Plan& plan) {
 // ---------------------------------------------------------------- row programs
 //
 // to_irreps writes every flat row in one pass, in column order, straight from the
-// rows of its blocks, with non-temporal stores when the output is large (written once
+// rows of its blocks (streamed mul_ir units through a per-thread row buffer, written
+// out one run of adjacent units at a time), with non-temporal stores when the output
+// is large (written once
 // and larger than the caches, ordinary stores would first read every line of it;
 // below STREAM_MIN_BYTES ordinary stores leave it cached for the next layer).
 // from_irreps reads a chunk of flat rows and fills the blocks one after the other, so
@@ -521,8 +523,8 @@ std::vector<UnitView<T>> views_of(const std::vector<Unit>& units, const Plan& pl
 // to_irreps, one unit of one row: `src[k]` is the row of member k ([2l+1, P],
 // featomic basis) or nullptr (no entry: zeros); u.D maps it to the e3nn basis
 // (x_e3nn[a] = sum_b D[a, b] x[b]) or is nullptr. `work`: max_k * max_props values.
-// A streamed MUL_IR unit is written with ordinary stores into `row`, which the caller
-// then points at its row buffer (see scatter_kernel).
+// A streamed MUL_IR unit gets the row buffer as `row` (ordinary stores); scatter_kernel
+// then streams it out.
 template <typename T, int PF>
 RASCALINE_E3NN_INLINE void put_unit(const UnitView<T>& u, const T* const* __restrict__ src,
                                     T* __restrict__ work, T* __restrict__ row) {
