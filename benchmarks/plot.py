@@ -49,7 +49,7 @@ def main(argv=None) -> None:
         (r for r in records if r["atoms"] in atoms_2000), key=lambda r: r["lmax"]
     )
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5.6))
     for ax, rows, title in (
         (axes[0], by_atoms, "atoms sweep, lmax 6"),
         (axes[1], by_lmax, f"lmax sweep, {sorted(atoms_2000)[0] if atoms_2000 else '?'} atoms"),
@@ -68,7 +68,8 @@ def main(argv=None) -> None:
         ax.set_ylabel("median time per forward call (s)")
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
-    axes[0].legend(fontsize=8)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8)
     m = data["machine"]
     fig.suptitle(
         f"TensorMapToIrreps / IrrepsToTensorMap forward vs clone and the chains — {m['cpu']}, "
@@ -76,7 +77,7 @@ def main(argv=None) -> None:
         f"{data['radial']} radial; GPU unmeasured",
         fontsize=9,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.13, 1, 1))
     fig.savefig(args.output, dpi=120)
     print(f"wrote {args.output}")
 
