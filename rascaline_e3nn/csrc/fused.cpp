@@ -217,9 +217,9 @@ int64_t max_l_of(const Plan& plan) {
 // to_irreps writes every flat row in one pass, in column order, straight from the
 // rows of its blocks (streamed mul_ir units through a per-thread row buffer, written
 // out one run of adjacent units at a time), with non-temporal stores when the output
-// is large (written once
-// and larger than the caches, ordinary stores would first read every line of it;
-// below STREAM_MIN_BYTES ordinary stores leave it cached for the next layer).
+// is large (written once and larger than the caches, ordinary stores would first read
+// every line of it; below STREAM_MIN_BYTES ordinary stores leave it cached for the
+// next layer).
 // from_irreps reads a chunk of flat rows and fills the blocks one after the other, so
 // that every block is one sequential stream of (non-temporal) stores.
 // Measured on the reference case (benchmarks/README.md): the earlier design (blocks
@@ -800,7 +800,7 @@ void scatter_kernel(
             constexpr int64_t LINE = 64 / sizeof(T);
             std::vector<T> work_values(LINE + dim + plan.max_k * std::max<int64_t>(plan.max_props, 1));
             const T** __restrict__ src = src_rows.data();
-            T* __restrict__ buffer = work_values.data();
+            T* buffer = work_values.data();
             buffer += (LINE - (reinterpret_cast<uintptr_t>(buffer) / sizeof(T)) % LINE) % LINE;
             T* __restrict__ work = buffer + dim;
             for (int64_t i = begin; i < end; i++) {
