@@ -850,9 +850,6 @@ def print_host_reads(args) -> None:
     print(f"  {'chain to_irreps':<32} {count_host_reads(lambda: chain_to_irreps(tensor, 'mul_ir', None))}")
 
 
-# ---------------------------------------------------------------------- extra modes
-
-
 def print_output_addresses(args, calls: int = 10) -> None:
     """Distinct output addresses over ``calls`` calls (float32, reference case): an
     output written at the address the previous call's output had freed is still in the
@@ -879,6 +876,9 @@ def print_output_addresses(args, calls: int = 10) -> None:
             addresses.add(out.data_ptr())
             del out
         print(f"  {name:<62} {len(addresses)} distinct")
+
+
+# ---------------------------------------------------------------------- extra modes
 
 
 def check_overhead(args) -> None:
