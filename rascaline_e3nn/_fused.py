@@ -12,7 +12,9 @@ asks for it (``kernel="fused"`` or ``"auto"``) or :func:`library_path` is called
 
 Set ``RASCALINE_E3NN_KERNEL=torch`` to forbid the build: ``kernel="auto"`` then uses
 PyTorch operators and ``kernel="fused"`` raises. ``RASCALINE_E3NN_PREFETCH=0`` turns the
-kernel's software prefetching off (read at every call; for benchmarks).
+kernel's software prefetching off and ``RASCALINE_E3NN_ISA=baseline`` (or ``avx2``) picks
+its row loops, compiled for both, AVX2 by default where the CPU has it (:func:`isa`);
+both are read at every call, for benchmarks.
 """
 
 import hashlib
@@ -125,6 +127,14 @@ def library_path() -> str:
     if path is None:
         raise RuntimeError("the fused kernel is not available: " + str(_error))
     return path
+
+
+def isa() -> str:
+    """The row loops the fused kernel runs in this process: ``"avx2"`` where the CPU
+    has AVX2, ``"baseline"`` (x86-64, SSE2) otherwise or on other architectures;
+    ``RASCALINE_E3NN_ISA`` forces one (both give the same results, to the bit)."""
+    library_path()
+    return torch.ops.rascaline_e3nn.kernel_isa()
 
 
 def use_fused(kernel: str) -> bool:

@@ -395,6 +395,22 @@ def test_forward_with_samples_unchecked_duplicates(kernel):
             method(duplicated)
 
 
+def _both_directions(tensor, basis, layout, dtype, kernel="fused"):
+    """Values and gradients of a TensorMapToIrreps and its inverse, in a list."""
+    tensor = tensor.to(dtype=dtype)
+    to_irreps = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel=kernel)
+    to_tensor_map = to_irreps.inverse()
+    samples = to_irreps.samples(tensor)
+    inputs, leaves = with_grad(tensor)
+    x = to_irreps(inputs)
+    x.backward(torch.linspace(-1, 1, x.numel(), dtype=dtype).reshape(x.shape))
+    y = x.detach().clone().requires_grad_()
+    back = to_tensor_map(y, samples)
+    sum((i + 1) * b.values.sum() for i, b in enumerate(back.blocks())).backward()
+    return ([x.detach(), y.grad] + [v.grad for v in leaves]
+            + [b.values.detach() for b in back.blocks()])
+
+
 @pytest.mark.parametrize("prefetch", ["1", "0"])
 @pytest.mark.parametrize("basis", ["featomic", "e3nn"])
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
@@ -404,19 +420,9 @@ def test_fused_equals_torch_with_prefetching_on_and_off(
     """RASCALINE_E3NN_PREFETCH=0 (the benchmarks' comparison) is a code path of its own:
     both directions, values and gradients, against the PyTorch-operator path."""
     monkeypatch.setenv("RASCALINE_E3NN_PREFETCH", prefetch)
-    results = []
-    for kernel in ["torch", "fused"]:
-        to_irreps = TensorMapToIrreps(tensor, basis=basis, layout=layout, kernel=kernel)
-        to_tensor_map = to_irreps.inverse()
-        samples = to_irreps.samples(tensor)
-        inputs, leaves = with_grad(tensor)
-        x = to_irreps(inputs)
-        x.backward(torch.linspace(-1, 1, x.numel(), dtype=x.dtype).reshape(x.shape))
-        y = x.detach().clone().requires_grad_()
-        back = to_tensor_map(y, samples)
-        sum((i + 1) * b.values.sum() for i, b in enumerate(back.blocks())).backward()
-        results.append([x.detach(), y.grad] + [v.grad for v in leaves]
-                       + [b.values.detach() for b in back.blocks()])
+    dtype = tensor.block(0).values.dtype
+    results = [_both_directions(tensor, basis, layout, dtype, kernel) for kernel in ["torch", "fused"]]
+    assert len(results[0]) == len(results[1])
     for a, b in zip(*results):
         _exact_or_close(a, b, basis)
 
@@ -425,4 +431,43 @@ def test_bad_stream_threshold_is_named(tensor, monkeypatch):
     module = TensorMapToIrreps(tensor, kernel="fused")
     monkeypatch.setenv("RASCALINE_E3NN_STREAM_MIN_BYTES", "4MB")
     with pytest.raises(RuntimeError, match="RASCALINE_E3NN_STREAM_MIN_BYTES"):
+        module(tensor)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("basis", ["featomic", "e3nn"])
+@pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
+def test_baseline_and_avx2_row_loops_agree_to_the_bit(
+    tensor, basis, layout, dtype, stores, monkeypatch
+):
+    """The row loops are compiled for baseline x86-64 and for AVX2 (without FMA), the
+    latter used where the CPU has it: both directions, values and gradients, must be
+    equal to the bit (the same products summed in the same order), so that results do
+    not depend on the machine. The PyTorch path pins both (the baseline here, AVX2 in
+    the other tests on a CPU that has it)."""
+    monkeypatch.delenv("RASCALINE_E3NN_ISA", raising=False)
+    if _fused.isa() != "avx2":
+        pytest.skip("this CPU has no AVX2: only the baseline row loops run here")
+    results = {}
+    for isa in ["baseline", "avx2"]:
+        monkeypatch.setenv("RASCALINE_E3NN_ISA", isa)
+        assert _fused.isa() == isa
+        results[isa] = _both_directions(tensor, basis, layout, dtype)
+    assert len(results["baseline"]) == len(results["avx2"])
+    for a, b in zip(results["baseline"], results["avx2"]):
+        assert a.dtype == dtype and torch.equal(a, b)
+    monkeypatch.setenv("RASCALINE_E3NN_ISA", "baseline")
+    to_irreps = TensorMapToIrreps(tensor.to(dtype=dtype), basis=basis, layout=layout, kernel="torch")
+    reference = to_irreps(tensor.to(dtype=dtype))
+    if basis == "featomic":
+        assert torch.equal(results["baseline"][0], reference)
+    else:
+        scale = 1.0 if dtype == torch.float64 else 1e8
+        torch.testing.assert_close(results["baseline"][0], reference, rtol=0, atol=1e-14 * scale)
+
+
+def test_bad_isa_is_named(tensor, monkeypatch):
+    module = TensorMapToIrreps(tensor, kernel="fused")
+    monkeypatch.setenv("RASCALINE_E3NN_ISA", "avx512")
+    with pytest.raises(RuntimeError, match="RASCALINE_E3NN_ISA must be 'baseline' or 'avx2'"):
         module(tensor)

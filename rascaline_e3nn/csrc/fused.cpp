@@ -752,6 +752,201 @@ struct MemberRows {
     }
 };
 
+// ---------------------------------------------------------------- row loops
+//
+// The row loops of both kernels, compiled twice: for the baseline x86-64 (SSE2) and,
+// where the compiler targets x86, for AVX2 (function attributes, no compiler flag),
+// and chosen at every call (kernel_isa). AVX2 only, not FMA: the two versions
+// compute the same products and sums in the same order, so their results are equal
+// to the bit (tests/test_kernels.py), whichever machine runs them.
+
+enum Isa {
+    ISA_BASELINE = 0,
+    ISA_AVX2 = 1,
+};
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define RASCALINE_E3NN_HAS_AVX2_PATH 1
+#define RASCALINE_E3NN_AVX2 __attribute__((target("avx2")))
+#else
+#define RASCALINE_E3NN_HAS_AVX2_PATH 0
+#endif
+
+bool cpu_has_avx2() {
+#if RASCALINE_E3NN_HAS_AVX2_PATH
+    return __builtin_cpu_supports("avx2");
+#else
+    return false;
+#endif
+}
+
+// AVX2 where the CPU has it; RASCALINE_E3NN_ISA=baseline (or avx2) forces one (read
+// at every call: the benchmarks and tests compare both in one process)
+Isa kernel_isa() {
+    const char* value = std::getenv("RASCALINE_E3NN_ISA");
+    if (value == nullptr || *value == '\0') {
+        return cpu_has_avx2() ? ISA_AVX2 : ISA_BASELINE;
+    }
+    if (std::strcmp(value, "baseline") == 0) return ISA_BASELINE;
+    TORCH_CHECK(std::strcmp(value, "avx2") == 0,
+        "RASCALINE_E3NN_ISA must be 'baseline' or 'avx2', got '", value, "'");
+    TORCH_CHECK(cpu_has_avx2(), "RASCALINE_E3NN_ISA=avx2, but this CPU (or build) has no AVX2");
+    return ISA_AVX2;
+}
+
+// What the to_irreps row loop of one row group reads
+template <typename T>
+struct ScatterGroup {
+    const std::vector<UnitView<T>>& views;
+    const MemberRows<T>& sources;
+    const std::vector<std::pair<int64_t, int64_t>>& holes;  // columns to zero
+    const int64_t* rows;  // output row of every group row
+    T* out;
+    int64_t dim;
+    int64_t work_size;    // values of `work`: max_k * max_props
+    bool prefetching;
+};
+
+// to_irreps, group rows [begin, end)
+template <typename T>
+RASCALINE_E3NN_INLINE void scatter_rows(const ScatterGroup<T>& group, int64_t begin, int64_t end) {
+    const auto& sources = group.sources;
+    std::vector<const T*> src_rows(sources.values.size());
+    // the row buffer (dim values from a 64-byte boundary), then `work`
+    constexpr int64_t LINE = 64 / sizeof(T);
+    const int64_t dim = group.dim;
+    std::vector<T> work_values(LINE + dim + group.work_size);
+    const T** __restrict__ src = src_rows.data();
+    T* buffer = work_values.data();
+    buffer += (LINE - (reinterpret_cast<uintptr_t>(buffer) / sizeof(T)) % LINE) % LINE;
+    T* __restrict__ work = buffer + dim;
+    for (int64_t i = begin; i < end; i++) {
+        if (group.prefetching && i + PREFETCH_ROWS < end) {
+            for (size_t k = 0; k < sources.values.size(); k++) {
+                const T* ahead = sources.at(k, i + PREFETCH_ROWS);
+                if (ahead != nullptr) prefetch<3>(ahead, sources.sizes[k] * static_cast<int64_t>(sizeof(T)));
+            }
+        }
+        T* row = group.out + group.rows[i] * dim;
+        for (const auto& h: group.holes) {
+            std::memset(row + h.first, 0, h.second * sizeof(T));
+        }
+        for (size_t k = 0; k < sources.values.size(); k++) src[k] = sources.at(k, i);
+        // streamed MUL_IR units are transposed into the row buffer, at their
+        // columns; each run of adjacent ones is then written in one burst of
+        // non-temporal stores. Against unit by unit (bursts of 96-1248 bytes
+        // for lmax 6, starting and ending mid-line) the scripted mul_ir
+        // forward of the reference case takes a median 0.92x as long in the
+        // featomic basis, 0.93x in e3nn's (9 A/B runs interleaved in one
+        // process each, 1 and 2 threads; 0.79-1.38x on this noisy host)
+        int64_t pending = 0, pending_end = 0;  // buffered columns not yet written
+        auto flush = [&]() {
+            if (pending_end > pending) emit<T, 0>(row + pending, buffer + pending, pending_end - pending, true);
+            pending = pending_end;
+        };
+        for (const auto& u: group.views) {
+            T* into = row;
+            if (u.kind == UNIT_MUL_IR && u.stream) {
+                if (pending_end != u.firsts[0]) {
+                    flush();
+                    pending = u.firsts[0];
+                }
+                pending_end = u.firsts[0] + u.run;
+                into = buffer;
+            } else {
+                flush();
+            }
+#define RASCALINE_E3NN_PUT(PF) put_unit<T, PF>(u, src, work, into)
+            RASCALINE_E3NN_BY_PROPERTIES(u.props, RASCALINE_E3NN_PUT)
+#undef RASCALINE_E3NN_PUT
+        }
+        flush();
+    }
+}
+
+// What the from_irreps row loop of one row group reads
+template <typename T>
+struct GatherGroup {
+    const std::vector<UnitView<T>>& views;
+    const MemberRows<T>& targets;
+    const std::vector<char>& stream;  // per member: non-temporal stores
+    const T* x;
+    const int64_t* rows;  // flat row of every group row
+    int64_t dim;
+    int64_t work_size;    // values of `work`: 2 max_k max_props
+    bool prefetching;
+};
+
+// from_irreps, group rows [begin, end)
+template <typename T>
+RASCALINE_E3NN_INLINE void gather_rows(const GatherGroup<T>& group, int64_t begin, int64_t end) {
+    std::vector<const T*> rows(CHUNK);
+    std::vector<T*> dst(CHUNK);
+    std::vector<T> work(group.work_size);
+    const T* x = group.x;
+    const int64_t dim = group.dim;
+    for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
+        auto c1 = std::min(end, c0 + CHUNK);
+        for (int64_t i = c0; i < c1; i++) rows[i - c0] = x + group.rows[i] * dim;
+        // the next chunk's flat rows, into L2 while this one is read
+        for (int64_t i = c1; group.prefetching && i < std::min(end, c1 + CHUNK); i++) {
+            prefetch<2>(x + group.rows[i] * dim, dim * static_cast<int64_t>(sizeof(T)));
+        }
+        for (const auto& u: group.views) {
+            for (int64_t j = 0; j < u.nb; j++) {
+                auto k = u.members[j];
+                for (int64_t i = c0; i < c1; i++) dst[i - c0] = group.targets.at(k, i);
+#define RASCALINE_E3NN_GET(PF) get_member<T, PF>(u, j, rows.data(), dst.data(), c1 - c0, work.data(), group.stream[k] != 0)
+                RASCALINE_E3NN_BY_PROPERTIES(u.props, RASCALINE_E3NN_GET)
+#undef RASCALINE_E3NN_GET
+            }
+        }
+    }
+}
+
+template <typename T>
+void scatter_rows_baseline(const ScatterGroup<T>& group, int64_t begin, int64_t end) {
+    scatter_rows<T>(group, begin, end);
+}
+
+template <typename T>
+void gather_rows_baseline(const GatherGroup<T>& group, int64_t begin, int64_t end) {
+    gather_rows<T>(group, begin, end);
+}
+
+#if RASCALINE_E3NN_HAS_AVX2_PATH
+template <typename T>
+RASCALINE_E3NN_AVX2 void scatter_rows_avx2(const ScatterGroup<T>& group, int64_t begin, int64_t end) {
+    scatter_rows<T>(group, begin, end);
+}
+
+template <typename T>
+RASCALINE_E3NN_AVX2 void gather_rows_avx2(const GatherGroup<T>& group, int64_t begin, int64_t end) {
+    gather_rows<T>(group, begin, end);
+}
+#endif
+
+template <typename T>
+using ScatterRows = void (*)(const ScatterGroup<T>&, int64_t, int64_t);
+template <typename T>
+using GatherRows = void (*)(const GatherGroup<T>&, int64_t, int64_t);
+
+template <typename T>
+ScatterRows<T> scatter_rows_for(Isa isa) {
+#if RASCALINE_E3NN_HAS_AVX2_PATH
+    if (isa == ISA_AVX2) return scatter_rows_avx2<T>;
+#endif
+    return scatter_rows_baseline<T>;
+}
+
+template <typename T>
+GatherRows<T> gather_rows_for(Isa isa) {
+#if RASCALINE_E3NN_HAS_AVX2_PATH
+    if (isa == ISA_AVX2) return gather_rows_avx2<T>;
+#endif
+    return gather_rows_baseline<T>;
+}
+
 // maps[slot]: for blocks that lack some rows of their group, the block row of every
 // group row (-1: absent, zeros), or nullptr when the block has every row in order
 template <typename T>
@@ -764,7 +959,8 @@ void scatter_kernel(
     T* out,
     int64_t dim,
     bool streaming,
-    bool prefetching
+    bool prefetching,
+    Isa isa
 ) {
     auto n_groups = static_cast<int64_t>(plan.by_group.size());
     for (int64_t g = 0; g < n_groups; g++) {
@@ -793,58 +989,11 @@ void scatter_kernel(
         }
         const auto views = views_of<T>(units, plan, members, basis);
         const MemberRows<T> sources(plan, members, values, maps);
-        const int64_t* rows = position + plan.group_start[g];
+        const ScatterGroup<T> group{views, sources, holes, position + plan.group_start[g], out, dim,
+                                    plan.max_k * std::max<int64_t>(plan.max_props, 1), prefetching};
+        const auto rows_of = scatter_rows_for<T>(isa);
         at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-            std::vector<const T*> src_rows(members.size());
-            // the row buffer (dim values from a 64-byte boundary), then `work`
-            constexpr int64_t LINE = 64 / sizeof(T);
-            std::vector<T> work_values(LINE + dim + plan.max_k * std::max<int64_t>(plan.max_props, 1));
-            const T** __restrict__ src = src_rows.data();
-            T* buffer = work_values.data();
-            buffer += (LINE - (reinterpret_cast<uintptr_t>(buffer) / sizeof(T)) % LINE) % LINE;
-            T* __restrict__ work = buffer + dim;
-            for (int64_t i = begin; i < end; i++) {
-                if (prefetching && i + PREFETCH_ROWS < end) {
-                    for (size_t k = 0; k < members.size(); k++) {
-                        const T* ahead = sources.at(k, i + PREFETCH_ROWS);
-                        if (ahead != nullptr) prefetch<3>(ahead, sources.sizes[k] * static_cast<int64_t>(sizeof(T)));
-                    }
-                }
-                T* row = out + rows[i] * dim;
-                for (const auto& h: holes) {
-                    std::memset(row + h.first, 0, h.second * sizeof(T));
-                }
-                for (size_t k = 0; k < members.size(); k++) src[k] = sources.at(k, i);
-                // streamed MUL_IR units are transposed into the row buffer, at their
-                // columns; each run of adjacent ones is then written in one burst of
-                // non-temporal stores. Against unit by unit (bursts of 96-1248 bytes
-                // for lmax 6, starting and ending mid-line) the scripted mul_ir
-                // forward of the reference case takes a median 0.92x as long in the
-                // featomic basis, 0.93x in e3nn's (9 A/B runs interleaved in one
-                // process each, 1 and 2 threads; 0.79-1.38x on this noisy host)
-                int64_t pending = 0, pending_end = 0;  // buffered columns not yet written
-                auto flush = [&]() {
-                    if (pending_end > pending) emit<T, 0>(row + pending, buffer + pending, pending_end - pending, true);
-                    pending = pending_end;
-                };
-                for (const auto& u: views) {
-                    T* into = row;
-                    if (u.kind == UNIT_MUL_IR && u.stream) {
-                        if (pending_end != u.firsts[0]) {
-                            flush();
-                            pending = u.firsts[0];
-                        }
-                        pending_end = u.firsts[0] + u.run;
-                        into = buffer;
-                    } else {
-                        flush();
-                    }
-#define RASCALINE_E3NN_PUT(PF) put_unit<T, PF>(u, src, work, into)
-                    RASCALINE_E3NN_BY_PROPERTIES(u.props, RASCALINE_E3NN_PUT)
-#undef RASCALINE_E3NN_PUT
-                }
-                flush();
-            }
+            rows_of(group, begin, end);
 #if defined(__SSE2__)
             _mm_sfence();  // this thread's non-temporal stores, before anyone reads them
 #endif
@@ -862,7 +1011,8 @@ void gather_kernel(
     const std::vector<const int64_t*>& maps,
     std::vector<Tensor>& values,
     bool streaming,
-    bool prefetching
+    bool prefetching,
+    Isa isa
 ) {
     auto n_groups = static_cast<int64_t>(plan.by_group.size());
     for (int64_t g = 0; g < n_groups; g++) {
@@ -886,28 +1036,11 @@ void gather_kernel(
                     && ((unit.kind == UNIT_IR_MUL && aligned(b.n_props)) || unit.kind == UNIT_MUL_IR);
             }
         }
-        const int64_t* positions = position + plan.group_start[g];
+        const GatherGroup<T> group{views, targets, stream, x, position + plan.group_start[g], dim,
+                                   2 * plan.max_k * std::max<int64_t>(plan.max_props, 1), prefetching};
+        const auto rows_of = gather_rows_for<T>(isa);
         at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-            std::vector<const T*> rows(CHUNK);
-            std::vector<T*> dst(CHUNK);
-            std::vector<T> work(2 * plan.max_k * std::max<int64_t>(plan.max_props, 1));
-            for (int64_t c0 = begin; c0 < end; c0 += CHUNK) {
-                auto c1 = std::min(end, c0 + CHUNK);
-                for (int64_t i = c0; i < c1; i++) rows[i - c0] = x + positions[i] * dim;
-                // the next chunk's flat rows, into L2 while this one is read
-                for (int64_t i = c1; prefetching && i < std::min(end, c1 + CHUNK); i++) {
-                    prefetch<2>(x + positions[i] * dim, dim * static_cast<int64_t>(sizeof(T)));
-                }
-                for (const auto& u: views) {
-                    for (int64_t j = 0; j < u.nb; j++) {
-                        auto k = u.members[j];
-                        for (int64_t i = c0; i < c1; i++) dst[i - c0] = targets.at(k, i);
-#define RASCALINE_E3NN_GET(PF) get_member<T, PF>(u, j, rows.data(), dst.data(), c1 - c0, work.data(), stream[k])
-                        RASCALINE_E3NN_BY_PROPERTIES(u.props, RASCALINE_E3NN_GET)
-#undef RASCALINE_E3NN_GET
-                    }
-                }
-            }
+            rows_of(group, begin, end);
 #if defined(__SSE2__)
             _mm_sfence();  // this thread's non-temporal stores, before anyone reads them
 #endif
@@ -990,7 +1123,7 @@ Tensor to_irreps_kernel(
         auto D = sparse_basis<scalar_t>(basis, max_l_of(plan), /*transpose=*/false);
         scatter_kernel<scalar_t>(plan, values, maps, pos, D, out.data_ptr<scalar_t>(), dim,
                                  streaming_worth(out.numel() * out.element_size()),
-                                 prefetching_enabled());
+                                 prefetching_enabled(), kernel_isa());
     });
     return out;
 }
@@ -1025,7 +1158,7 @@ std::vector<Tensor> from_irreps_kernel(
         auto D = sparse_basis<scalar_t>(basis, max_l_of(plan), /*transpose=*/true);
         gather_kernel<scalar_t>(plan, x.data_ptr<scalar_t>(), dim, pos, D, maps, values,
                                 streaming_worth(x.numel() * x.element_size()),
-                                prefetching_enabled());
+                                prefetching_enabled(), kernel_isa());
     });
     return values;
 }
@@ -1888,4 +2021,8 @@ TORCH_LIBRARY(rascaline_e3nn, m) {
         "Tensor? basis, int[] meta, int[] columns) -> Tensor[]",
         &from_irreps_op
     );
+    // which row loops the kernels run now (RASCALINE_E3NN_ISA, or what the CPU has)
+    m.def("kernel_isa() -> str", []() -> std::string {
+        return kernel_isa() == ISA_AVX2 ? "avx2" : "baseline";
+    });
 }
