@@ -14,6 +14,7 @@ functions: 63 blocks, 9.4 MB of float32 values, featomic's exact metadata.
     python benchmarks/bench_adapters.py --page-cost       # first-touch cost of fresh memory pages
     python benchmarks/bench_adapters.py --bandwidth       # the clone in cache vs copies out of cache
     python benchmarks/bench_adapters.py --prefetch        # the fused kernel's prefetching on / off
+    python benchmarks/bench_adapters.py --isa             # its row loops for baseline x86-64 / AVX2
     python benchmarks/bench_adapters.py --stores          # non-temporal stores always / for large outputs / never
     python benchmarks/bench_adapters.py --sweep           # size / lmax sweep -> sweep.json
     python benchmarks/plot.py                             # sweep.json -> scaling.png
@@ -43,7 +44,7 @@ from e3nn import o3
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
 import rascaline_e3nn
-from rascaline_e3nn import TensorMapToIrreps
+from rascaline_e3nn import TensorMapToIrreps, _fused
 
 warnings.filterwarnings("ignore", message=".*TorchScript.*")
 warnings.filterwarnings("ignore", message=".*torch.jit.*")
@@ -80,6 +81,7 @@ def machine() -> Dict[str, str]:
         "e3nn": e3nn.__version__,
         "rascaline_e3nn": rascaline_e3nn.__version__,
         "fused kernel": KERNEL,
+        "fused row loops": _fused.isa(),
         "load average": " ".join(f"{x:.2f}" for x in os.getloadavg())
         + " (1, 5, 15 min)",
         "glibc malloc env": " ".join(
@@ -1120,9 +1122,24 @@ class WithEnvironment:
 
 def prefetch(args) -> None:
     """The fused kernel with and without its software prefetching
-    (RASCALINE_E3NN_PREFETCH=0), in one process: forward alone (its inputs stay
-    cached in a loop) and the scripted forward+backward step (each pass reads what
-    the other evicted), glibc keeping freed memory (keep_freed_memory)."""
+    (RASCALINE_E3NN_PREFETCH=0), in one process (switched)."""
+    switched(args, "RASCALINE_E3NN_PREFETCH", ("0", "1"), ("prefetch off", "prefetch on"),
+             "software prefetching in the fused kernel")
+
+
+def isa(args) -> None:
+    """The fused kernel's row loops compiled for baseline x86-64 (SSE2) and for AVX2
+    (RASCALINE_E3NN_ISA), in one process (switched)."""
+    switched(args, "RASCALINE_E3NN_ISA", ("baseline", "avx2"), ("baseline", "AVX2"),
+             "row loops of the fused kernel for baseline x86-64 (SSE2) and AVX2")
+
+
+def switched(args, variable: str, values: Tuple[str, str], labels: Tuple[str, str],
+             title: str) -> None:
+    """The fused kernel with an environment variable at each of two values, in one
+    process: both modules, bases and layouts, forward alone (its inputs stay cached in
+    a loop) and the scripted forward+backward step (each pass reads what the other
+    evicted), glibc keeping freed memory (keep_freed_memory)."""
     kept = keep_freed_memory()
     print(f"\nmallopt(M_TRIM_THRESHOLD, 1 GiB), mallopt(M_MMAP_THRESHOLD, 32 MiB): "
           f"{'done' if kept else 'FAILED (faults will show)'}")
@@ -1153,21 +1170,25 @@ def prefetch(args) -> None:
                 for mode, f in (("fwd", forward), ("fwd+bwd", step)):
                     name = f"{module_name} {basis} {layout} {mode}"
                     rows.append(name)
-                    add_switched(variants, name, f, "RASCALINE_E3NN_PREFETCH", ("1", "0"))
+                    add_switched(variants, name, f, variable, values)
     r = measure(variants, args.rounds, args.min_run_time, args.threads)
-    os.environ.pop("RASCALINE_E3NN_PREFETCH", None)
-    print(f"\nsoftware prefetching in the fused kernel, reference case, float32, scripted, "
-          f"{args.threads} thread(s); clone {fmt_time(r['clone'])}\n")
+    os.environ.pop(variable, None)
+    off, on = labels
+    ratio = f"{on} / {off}"
+    print(f"\n{title} ({variable}={values[0]} / {values[1]}), reference case, float32, "
+          f"scripted, {args.threads} thread(s); clone {fmt_time(r['clone'])}\n")
     print(f"| {'module':<17} | {'basis':<8} | {'layout':<6} | {'pass':<7} | "
-          f"{'prefetch off':>12} | {'prefetch on':>11} | {'on / off':>8} | "
-          f"{'faults/call off, on':>19} |")
-    print("|" + "|".join("-" * w for w in (19, 10, 8, 9, 14, 13, 10, 21)) + "|")
+          f"{off:>12} | {on:>12} | {ratio:>18} | {'faults/call':>11} |")
+    print("|" + "|".join("-" * w for w in (19, 10, 8, 9, 14, 14, 20, 13)) + "|")
     for name in rows:
         module_name, basis, layout, mode = name.split()
-        off, on = r[f"{name}|0"], r[f"{name}|1"]
-        faults = f"{FAULTS[f'{name}|0']:.0f}, {FAULTS[f'{name}|1']:.0f}"
+        a, b = r[f"{name}|{values[0]}"], r[f"{name}|{values[1]}"]
+        faults = f"{FAULTS[f'{name}|{values[0]}']:.0f}, {FAULTS[f'{name}|{values[1]}']:.0f}"
         print(f"| {module_name:<17} | {basis:<8} | {layout:<6} | {mode:<7} | "
-              f"{fmt_time(off):>12} | {fmt_time(on):>11} | {on / off:>8.2f} | {faults:>19} |")
+              f"{fmt_time(a):>12} | {fmt_time(b):>12} | {b / a:>18.2f} | {faults:>11} |")
+    ratios = sorted(r[f"{name}|{values[1]}"] / r[f"{name}|{values[0]}"] for name in rows)
+    print(f"\n{ratio}: median {statistics.median(ratios):.2f}, "
+          f"range {ratios[0]:.2f}-{ratios[-1]:.2f} over the {len(rows)} rows")
 
 
 class ConsumeIrreps(torch.nn.Module):
@@ -1285,6 +1306,8 @@ def main(argv=None) -> None:
                         "large for the caches")
     parser.add_argument("--prefetch", action="store_true",
                         help="only: the fused kernel with and without software prefetching")
+    parser.add_argument("--isa", action="store_true",
+                        help="only: the fused kernel's row loops for baseline x86-64 and AVX2")
     parser.add_argument("--stores", action="store_true",
                         help="only: non-temporal stores always, only for large outputs, never")
     parser.add_argument("--featomic", action="store_true",
@@ -1306,6 +1329,9 @@ def main(argv=None) -> None:
         return
     if args.prefetch:
         prefetch(args)
+        return
+    if args.isa:
+        isa(args)
         return
     if args.stores:
         stores(args)
