@@ -7,7 +7,7 @@ one) through metatensor-torch's C++ API (``samples_map``: the rows' Labels;
 values, each the other's backward (the change of basis is orthogonal). It is compiled with
 ``torch.utils.cpp_extension`` against the installed torch the first time a module
 asks for it (``kernel="fused"`` or ``"auto"``) or :func:`library_path` is called
-(about 40 s), then cached under ``$RASCALINE_E3NN_CACHE`` (default
+(about 2 min on a 2-core VM), then cached under ``$RASCALINE_E3NN_CACHE`` (default
 ``~/.cache/rascaline_e3nn``), one build per torch version and source.
 
 Set ``RASCALINE_E3NN_KERNEL=torch`` to forbid the build: ``kernel="auto"`` then uses

@@ -82,10 +82,10 @@ class TensorMapToIrreps(torch.nn.Module):
         How values move on the CPU. ``"torch"`` (default): PyTorch operators only,
         so that a scripted module loads wherever metatensor-torch does.
         ``"fused"``: metadata checks and one pass over the data in compiled code,
-        3.5-12x faster forward, 3.7-6.8x faster forward+backward, no
-        intermediates on the benchmarks' reference case and a 15x lower per-call
+        4.4-15x faster forward, 4.8-9.9x faster forward+backward, no
+        intermediates on the benchmarks' reference case and a 17x lower per-call
         floor (benchmarks/README.md, 2 threads); the kernel is compiled on
-        first use (~40 s, cached), and a scripted module using it needs
+        first use (~2 min, cached), and a scripted module using it needs
         ``torch.ops.load_library(rascaline_e3nn.library_path())`` in the process
         that loads it. ``"auto"``: fused when the kernel can be built, else torch.
         Other devices and ``torch.compile`` always use PyTorch operators.
