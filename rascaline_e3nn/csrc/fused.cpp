@@ -813,7 +813,7 @@ struct ScatterGroup {
 
 // to_irreps, group rows [begin, end)
 template <typename T>
-RASCALINE_E3NN_INLINE void scatter_rows(const ScatterGroup<T>& group, int64_t begin, int64_t end) {
+RASCALINE_E3NN_INLINE void run_rows(const ScatterGroup<T>& group, int64_t begin, int64_t end) {
     const auto& sources = group.sources;
     std::vector<const T*> src_rows(sources.values.size());
     // the row buffer (dim values from a 64-byte boundary), then `work`
@@ -883,7 +883,7 @@ struct GatherGroup {
 
 // from_irreps, group rows [begin, end)
 template <typename T>
-RASCALINE_E3NN_INLINE void gather_rows(const GatherGroup<T>& group, int64_t begin, int64_t end) {
+RASCALINE_E3NN_INLINE void run_rows(const GatherGroup<T>& group, int64_t begin, int64_t end) {
     std::vector<const T*> rows(CHUNK);
     std::vector<T*> dst(CHUNK);
     std::vector<T> work(group.work_size);
@@ -908,47 +908,33 @@ RASCALINE_E3NN_INLINE void gather_rows(const GatherGroup<T>& group, int64_t begi
     }
 }
 
-template <typename T>
-void scatter_rows_baseline(const ScatterGroup<T>& group, int64_t begin, int64_t end) {
-    scatter_rows<T>(group, begin, end);
-}
-
-template <typename T>
-void gather_rows_baseline(const GatherGroup<T>& group, int64_t begin, int64_t end) {
-    gather_rows<T>(group, begin, end);
+// run_rows compiled for each instruction set (Group: ScatterGroup<T> or GatherGroup<T>)
+template <typename Group>
+void rows_baseline(const Group& group, int64_t begin, int64_t end) {
+    run_rows(group, begin, end);
 }
 
 #if RASCALINE_E3NN_HAS_AVX2_PATH
-template <typename T>
-RASCALINE_E3NN_AVX2 void scatter_rows_avx2(const ScatterGroup<T>& group, int64_t begin, int64_t end) {
-    scatter_rows<T>(group, begin, end);
-}
-
-template <typename T>
-RASCALINE_E3NN_AVX2 void gather_rows_avx2(const GatherGroup<T>& group, int64_t begin, int64_t end) {
-    gather_rows<T>(group, begin, end);
+template <typename Group>
+RASCALINE_E3NN_AVX2 void rows_avx2(const Group& group, int64_t begin, int64_t end) {
+    run_rows(group, begin, end);
 }
 #endif
 
-template <typename T>
-using ScatterRows = void (*)(const ScatterGroup<T>&, int64_t, int64_t);
-template <typename T>
-using GatherRows = void (*)(const GatherGroup<T>&, int64_t, int64_t);
-
-template <typename T>
-ScatterRows<T> scatter_rows_for(Isa isa) {
+// The rows [0, n) of one row group, on at::parallel_for's threads, with the row
+// loops of `isa`
+template <typename Group>
+void parallel_rows(const Group& group, int64_t n, Isa isa) {
+    auto rows = &rows_baseline<Group>;
 #if RASCALINE_E3NN_HAS_AVX2_PATH
-    if (isa == ISA_AVX2) return scatter_rows_avx2<T>;
+    if (isa == ISA_AVX2) rows = &rows_avx2<Group>;
 #endif
-    return scatter_rows_baseline<T>;
-}
-
-template <typename T>
-GatherRows<T> gather_rows_for(Isa isa) {
-#if RASCALINE_E3NN_HAS_AVX2_PATH
-    if (isa == ISA_AVX2) return gather_rows_avx2<T>;
+    at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
+        rows(group, begin, end);
+#if defined(__SSE2__)
+        _mm_sfence();  // this thread's non-temporal stores, before anyone reads them
 #endif
-    return gather_rows_baseline<T>;
+    });
 }
 
 // maps[slot]: for blocks that lack some rows of their group, the block row of every
@@ -995,13 +981,7 @@ void scatter_kernel(
         const MemberRows<T> sources(plan, members, values, maps);
         const ScatterGroup<T> group{views, sources, holes, position + plan.group_start[g], out, dim,
                                     plan.max_k * std::max<int64_t>(plan.max_props, 1), prefetching};
-        const auto rows_of = scatter_rows_for<T>(isa);
-        at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-            rows_of(group, begin, end);
-#if defined(__SSE2__)
-            _mm_sfence();  // this thread's non-temporal stores, before anyone reads them
-#endif
-        });
+        parallel_rows(group, n, isa);
     }
 }
 
@@ -1042,13 +1022,7 @@ void gather_kernel(
         }
         const GatherGroup<T> group{views, targets, stream, x, position + plan.group_start[g], dim,
                                    2 * plan.max_k * std::max<int64_t>(plan.max_props, 1), prefetching};
-        const auto rows_of = gather_rows_for<T>(isa);
-        at::parallel_for(0, n, GRAIN, [&](int64_t begin, int64_t end) {
-            rows_of(group, begin, end);
-#if defined(__SSE2__)
-            _mm_sfence();  // this thread's non-temporal stores, before anyone reads them
-#endif
-        });
+        parallel_rows(group, n, isa);
     }
 }
 
