@@ -954,13 +954,12 @@ def sweep(args) -> None:
         eager = TensorMapToIrreps(tensor, basis="featomic", layout="mul_ir")
         scripted = script(eager)
         scripted_e3nn = script(TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir"))
-        fused = script(TensorMapToIrreps(tensor, basis="featomic", layout="mul_ir", kernel="fused"))
+        fused_module = TensorMapToIrreps(tensor, basis="featomic", layout="mul_ir", kernel="fused")
+        fused = script(fused_module)
         fused_e3nn = script(TensorMapToIrreps(tensor, basis="e3nn", layout="mul_ir", kernel="fused"))
         x, samples = chain_to_irreps(tensor, "mul_ir", None)
         chain_inverse = ChainInverse(tensor, "mul_ir", None)
-        inverse_fused = script(
-            TensorMapToIrreps(tensor, basis="featomic", layout="mul_ir", kernel="fused").inverse()
-        )
+        inverse_fused = script(fused_module.inverse())
         variants = {
             "script fused": lambda: fused(tensor),
             "script fused e3nn": lambda: fused_e3nn(tensor),
@@ -1164,7 +1163,7 @@ def switched(args, variable: str, values: Tuple[str, str], labels: Tuple[str, st
                 else:
                     module = script(fused.inverse())
                     x_g = x.clone().requires_grad_(True)
-                    forward = (lambda m=module, x=x: m(x, samples))
+                    forward = (lambda m=module, x=x, s=samples: m(x, s))
                     grads = [torch.randn_like(v) for v in leaves(tensor)]
                     step = scripted_forward_backward(module, (x_g, samples), grads, [x_g])
                 for mode, f in (("fwd", forward), ("fwd+bwd", step)):
