@@ -59,15 +59,16 @@ def change_of_basis(l: int, dtype: torch.dtype = torch.float64) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=None)
 def _change_of_basis(l: int) -> torch.Tensor:
+    # Fitted in float64 from e3nn's own harmonics, Y(Q x) = D Y(x): the same matrix as
+    # Irrep(l, 1).D_from_matrix(Q), without switching the global default dtype (which
+    # D_from_matrix needs for float64 accuracy, and which is not thread-safe).
     Q = torch.tensor(BASIS_CHANGE_MATRIX, dtype=torch.float64)
-    # e3nn builds its generators in the default dtype: float32 would limit D to ~1e-7
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        D = o3.Irrep(l, 1).D_from_matrix(Q)
-    finally:
-        torch.set_default_dtype(default)
-    # D(Q) is sparse: remove the ~1e-16 residues of e3nn's matrix exponentials
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8 * (2 * l + 1), 3, generator=generator, dtype=torch.float64)
+    Y = o3.spherical_harmonics(l, x, normalize=True)
+    YQ = o3.spherical_harmonics(l, x @ Q.T, normalize=True)
+    D = torch.linalg.lstsq(Y, YQ).solution.T.contiguous()
+    # D(Q) is sparse: remove the ~1e-16 residues of the fit
     D = torch.where(D.abs() < 1e-12, torch.zeros_like(D), D)
     if l <= 1:
         D = D.round() + 0.0

@@ -1,65 +1,565 @@
 """``TensorMapToIrreps``: metatensor TensorMap -> flat e3nn tensor."""
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
-from metatensor.torch import Labels, TensorBlock, TensorMap
+from metatensor.torch import Labels, TensorMap
 
-from ._conventions import BASES, LAYOUTS, check_option
-from ._fused import fused_basis, fused_ops, may_fuse
-from ._plan import Layout
-from ._tables import (
+from ._batch import (
     basis_tables,
-    check_block,
-    describe_key,
+    describe,
+    entry,
     int_list,
-    inverse_permutation,
-    labels,
+    join,
     lexsort,
-    scatter_rows,
-    unique_rows,
+    rotate,
+    union_rows,
 )
+from ._conventions import BASES, LAYOUTS, check_option
+from ._layout import Layout
 
 
-def _run(form: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
-    """A run of channels; the whole tensor when the run covers it (a narrow, even a
-    full one, costs a zero-filled copy of the block in backward)."""
-    if start == 0 and length == form.shape[dim]:
-        return form
-    return form.narrow(dim, start, length)
+class _ReadTensorMap(torch.nn.Module):
+    """The metadata step of :class:`TensorMapToIrreps`, compiled with TorchScript.
 
+    From a batch's blocks, it makes one tensor per row group (the group's blocks side
+    by side, ``[n_rows, width]``), the column map of each group into the output, and
+    the order of the rows. Keys are matched by value; absent blocks are zeros; the
+    checks of all blocks are gathered into one comparison.
+    """
 
-def _same(
-    actual: torch.Tensor, expected: torch.Tensor, on_cpu: bool, flags: List[torch.Tensor]
-) -> bool:
-    """False when ``actual != expected`` is known now. On the CPU, torch.equal; on
-    other devices the comparison goes to ``flags``, all read at once later."""
-    if actual.shape != expected.shape:
-        return False
-    if on_cpu:
-        return torch.equal(actual, expected)
-    flags.append((actual == expected).all())
-    return True
+    _key_names: List[str]
+    _keys: List[List[int]]
+    _sample_names: List[str]
+    _row_key_names: List[str]
+    _property_names: List[str]
+    _slot_l: List[int]
+    _slot_n_properties: List[int]
+    _slot_start: List[int]
+    _group_slots: List[List[int]]
+    _group_keys: List[List[int]]
+    _group_width: List[int]
+    _group_holes: List[bool]
+    _property_start: List[int]
 
+    def __init__(self, plan: Layout, columns: torch.Tensor, e3nn_basis: bool, check: bool):
+        super().__init__()
+        self._check = check
+        self._e3nn_basis = e3nn_basis
+        self._dim = plan.dim
+        self._key_names = list(plan.key_names)
+        self._keys = [list(b.key) for b in plan.blocks]
+        self._template_keys = plan.keys()
+        self._sample_names = list(plan.sample_names)
+        self._row_key_names = list(plan.row_key_names)
+        self._property_names = list(plan.property_names)
+        self._slot_l = [b.l for b in plan.blocks]
+        self._slot_n_properties = [b.properties.shape[0] for b in plan.blocks]
+        self._group_slots = [plan.group_blocks(g) for g in range(len(plan.groups))]
+        self._group_keys = [list(k) for k in plan.groups]
+        starts = [0] * len(plan.blocks)
+        widths = []
+        for slots in self._group_slots:
+            start = 0
+            for t in slots:
+                starts[t] = start
+                start += plan.blocks[t].width
+            widths.append(start)
+        self._slot_start = starts
+        self._group_width = widths
+        self._group_holes = [
+            bool((columns[g] == widths[g]).any()) for g in range(len(plan.groups))
+        ]
+        self.register_buffer("_columns", columns, persistent=False)
+        properties = [b.properties.reshape(-1) for b in plan.blocks]
+        ptr = [0]
+        for p in properties:
+            ptr.append(ptr[-1] + p.shape[0])
+        self._property_start = ptr
+        self.register_buffer("_properties", torch.cat(properties), persistent=False)
+        L = plan.max_l
+        mu = [torch.arange(-l, l + 1, dtype=torch.int32) for l in range(L + 1)]
+        self.register_buffer("_mu", torch.cat(mu), persistent=False)
 
-def _dtype_name(value: torch.Tensor) -> str:
-    return str(value.dtype)
+    # ------------------------------------------------------------------ keys
+
+    def _match_keys(self, keys: Labels) -> List[int]:
+        """For every template block, its index in the input (-1: absent)."""
+        n_slots = len(self._keys)
+        if keys.names == self._key_names and len(keys) == n_slots:
+            # the common case, compared on the host copies of the Labels
+            if keys == self._template_keys:
+                return list(range(n_slots))
+        names = keys.names
+        if sorted(names) != sorted(self._key_names):
+            raise ValueError(
+                "the input keys have dimensions " + str(names) + ", the layout expects "
+                + str(self._key_names)
+            )
+        columns: List[int] = []
+        for name in self._key_names:
+            columns.append(names.index(name))
+        values: List[List[int]] = keys.values.to("cpu", torch.int64)[:, columns].tolist()
+        where: Dict[str, int] = {}
+        for t in range(n_slots):
+            where[str(self._keys[t])] = t
+        slots: List[int] = [-1] * n_slots
+        for i in range(len(values)):
+            t = where.get(str(values[i]), -1)
+            if t < 0:
+                raise ValueError(
+                    "block " + describe(self._key_names, values[i])
+                    + " is not in the layout planned from the template; build the module "
+                    + "from a template (or calculator and atom_types) containing this key"
+                )
+            slots[t] = i
+        return slots
+
+    def _name(self, t: int) -> str:
+        return "block " + describe(self._key_names, self._keys[t])
+
+    # ------------------------------------------------------------------ blocks
+
+    def _values(
+        self, tensor: TensorMap, slots: List[int]
+    ) -> Tuple[
+        List[Optional[torch.Tensor]],
+        List[Optional[torch.Tensor]],
+        List[torch.Tensor],
+        List[torch.Tensor],
+        List[int],
+    ]:
+        """Values and sample values of every template block (None: absent); blocks
+        whose properties differ in number from the template's are expanded to them.
+        With ``check``, also the o3_mu and property values to compare with the
+        template's (``actual``, ``expected``), compared later with the samples."""
+        if len(tensor.keys) > 0:
+            if tensor.sample_names != self._sample_names:
+                raise ValueError(
+                    "the input blocks have samples " + str(tensor.sample_names)
+                    + ", the template has " + str(self._sample_names)
+                )
+            if tensor.component_names != ["o3_mu"]:
+                raise ValueError(
+                    "the input blocks have components " + str(tensor.component_names)
+                    + ", expected ['o3_mu']"
+                )
+            if tensor.property_names != self._property_names:
+                raise ValueError(
+                    "the input blocks have properties " + str(tensor.property_names)
+                    + ", the template has " + str(self._property_names)
+                )
+            gradients = tensor.block_by_id(0).gradients_list()
+            if len(gradients) != 0:
+                raise ValueError(
+                    "the input blocks have gradients " + str(gradients)
+                    + ": explicit gradient blocks are not converted; compute without "
+                    + "`gradients=` and let featomic-torch's autograd integration "
+                    + "propagate derivatives to positions and cell instead"
+                )
+        values: List[Optional[torch.Tensor]] = []
+        samples: List[Optional[torch.Tensor]] = []
+        actual: List[torch.Tensor] = []
+        expected: List[torch.Tensor] = []
+        reshaped: List[int] = []
+        for t in range(len(self._keys)):
+            if slots[t] < 0:
+                values.append(None)
+                samples.append(None)
+                continue
+            block = tensor.block_by_id(slots[t])
+            value = block.values
+            l = self._slot_l[t]
+            if value.dim() != 3 or value.shape[1] != 2 * l + 1:
+                raise ValueError(
+                    self._name(t) + " has values of shape " + str(value.shape)
+                    + ", expected [samples, " + str(2 * l + 1) + ", properties]"
+                )
+            if t == 0 or values[0] is None:
+                if self._e3nn_basis and not torch.is_floating_point(value):
+                    raise ValueError(
+                        "the input has " + str(value.dtype) + " values: the e3nn basis "
+                        + "change needs floating point values (use basis='featomic' "
+                        + "for integers)"
+                    )
+                if value.device != self._columns.device:
+                    raise ValueError(
+                        "the input is on " + str(value.device) + ", the module on "
+                        + str(self._columns.device) + ": move the module with .to()"
+                    )
+            if value.shape[2] != self._slot_n_properties[t]:
+                value = self._expand_properties(t, value, block.properties.values)
+                reshaped.append(t)
+            elif self._check:
+                p0 = self._property_start[t]
+                actual.append(block.properties.values.reshape(-1))
+                expected.append(self._properties[p0 : self._property_start[t + 1]])
+            if self._check:
+                actual.append(block.components[0].values.reshape(-1))
+                expected.append(self._mu[l * l : (l + 1) * (l + 1)])
+            values.append(value)
+            samples.append(block.samples.values)
+        return values, samples, actual, expected, reshaped
+
+    def _expand_properties(
+        self, t: int, value: torch.Tensor, properties: torch.Tensor
+    ) -> torch.Tensor:
+        """Values of a block whose properties are a subset (in any order) of the
+        template's, placed at the template's properties (zeros elsewhere)."""
+        p0 = self._property_start[t]
+        n_dims = len(self._property_names)
+        template = self._properties[p0 : self._property_start[t + 1]].reshape(-1, n_dims)
+        equal = (properties.unsqueeze(1) == template.unsqueeze(0)).all(dim=2)
+        found = equal.any(dim=1)
+        if not bool(found.all()):
+            i = int(torch.nonzero(~found)[0, 0])
+            raise ValueError(
+                self._name(t) + " has property "
+                + describe(self._property_names, entry(properties, i))
+                + " which is not in the template"
+            )
+        index = equal.to(torch.int32).argmax(dim=1)
+        full = torch.zeros(
+            (value.shape[0], value.shape[1], template.shape[0]),
+            dtype=value.dtype,
+            device=value.device,
+        )
+        return full.index_copy(2, index, value)
+
+    def _explain(
+        self,
+        tensor: TensorMap,
+        slots: List[int],
+        values: List[Optional[torch.Tensor]],
+        reshaped: List[int],
+    ) -> None:
+        """The batched comparison failed: find the culprit, block by block. Blocks
+        whose properties are the template's in another order are re-placed."""
+        for t in range(len(self._keys)):
+            if slots[t] < 0 or t in reshaped:
+                continue
+            block = tensor.block_by_id(slots[t])
+            l = self._slot_l[t]
+            mu = block.components[0].values.reshape(-1)
+            if not torch.equal(mu, self._mu[l * l : (l + 1) * (l + 1)]):
+                raise ValueError(
+                    self._name(t) + " has o3_mu components "
+                    + str(int_list(mu)) + ", expected -" + str(l)
+                    + ".." + str(l) + " in increasing order"
+                )
+            p0 = self._property_start[t]
+            properties = block.properties.values
+            if not torch.equal(
+                properties.reshape(-1), self._properties[p0 : self._property_start[t + 1]]
+            ):
+                value = values[t]
+                assert value is not None
+                values[t] = self._expand_properties(t, value, properties)
+
+    # ------------------------------------------------------------------ rows
+
+    def _classes(
+        self,
+        values: List[Optional[torch.Tensor]],
+        samples: List[Optional[torch.Tensor]],
+        actual: List[torch.Tensor],
+        expected: List[torch.Tensor],
+    ) -> Tuple[List[List[List[int]]], bool]:
+        """For every row group, its present blocks split in classes holding the same
+        samples; and whether the metadata comparisons (``actual`` against
+        ``expected``) found a difference. One host read for all of it.
+
+        Within a group, blocks of one length are compared with the first of that
+        length. With ``check=False``, a group whose blocks all have one length is
+        taken to share its samples without comparing them: featomic's blocks of one
+        center type hold subsets of the atoms of that type, and one of them (the
+        center type with itself) holds them all."""
+        classes: List[List[List[int]]] = []
+        pairs: List[List[int]] = []  # [block, block of the same length compared to]
+        for g in range(len(self._group_slots)):
+            lengths: List[int] = []
+            group: List[List[int]] = []
+            for t in self._group_slots[g]:
+                v = values[t]
+                if v is not None:
+                    n = int(v.shape[0])
+                    if n in lengths:
+                        group[lengths.index(n)].append(t)
+                    else:
+                        lengths.append(n)
+                        group.append([t])
+            if self._check or len(lengths) > 1:
+                for members in group:
+                    for t in members[1:]:
+                        pairs.append([t, members[0]])
+            classes.append(group)
+        if len(pairs) == 0 and len(actual) == 0:
+            return classes, False
+        device = self._columns.device
+        flags: List[torch.Tensor] = []
+        if len(actual) > 0:
+            flags.append((torch.cat(actual) != torch.cat(expected)).sum().reshape(1))
+        else:
+            flags.append(torch.zeros(1, dtype=torch.int64, device=device))
+        if len(pairs) > 0:
+            mine: List[torch.Tensor] = []
+            theirs: List[torch.Tensor] = []
+            sizes: List[int] = []
+            for pair in pairs:
+                s = samples[pair[0]]
+                r = samples[pair[1]]
+                assert s is not None and r is not None
+                mine.append(s.reshape(-1))
+                theirs.append(r.reshape(-1))
+                sizes.append(s.numel())
+            segment = torch.repeat_interleave(
+                torch.arange(len(pairs), device=device),
+                torch.tensor(sizes, device=device),
+                output_size=sum(sizes),
+            )
+            different = torch.zeros(len(pairs), dtype=torch.int64, device=device)
+            different.index_add_(0, segment, (torch.cat(mine) != torch.cat(theirs)).to(torch.int64))
+            flags.append(different)
+        read: List[int] = torch.cat(flags).tolist()
+        if len(pairs) == 0 or max(read[1:]) == 0:
+            return classes, read[0] != 0
+        # blocks of equal length with other samples: their own classes
+        for g in range(len(classes)):
+            split: List[List[int]] = []
+            for members in classes[g]:
+                split.append([members[0]])
+                for t in members[1:]:
+                    placed = False
+                    for c in range(len(split)):
+                        r = samples[split[c][0]]
+                        s = samples[t]
+                        assert r is not None and s is not None
+                        if r.shape == s.shape and torch.equal(r, s):
+                            split[c].append(t)
+                            placed = True
+                            break
+                    if not placed:
+                        split.append([t])
+            classes[g] = split
+        return classes, read[0] != 0
+
+    def _groups(
+        self,
+        values: List[Optional[torch.Tensor]],
+        samples: List[Optional[torch.Tensor]],
+        classes: List[List[List[int]]],
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
+        """Per row group: the blocks side by side, the column map, the sample values."""
+        device = self._columns.device
+        dtype = torch.zeros(0).dtype
+        for v in values:
+            if v is not None:
+                dtype = v.dtype
+                break
+        n_sample_dims = len(self._sample_names)
+        groups: List[torch.Tensor] = []
+        columns: List[torch.Tensor] = []
+        rows: List[torch.Tensor] = []
+        flat: List[torch.Tensor] = []
+        for g in range(len(self._group_slots)):
+            group = classes[g]
+            if len(group) == 0:
+                groups.append(torch.zeros((0, 1), dtype=dtype, device=device))
+                columns.append(torch.zeros(self._dim, dtype=torch.int64, device=device))
+                rows.append(torch.zeros((0, n_sample_dims), dtype=torch.int32, device=device))
+                continue
+            order: List[int] = []
+            flat = []
+            if len(group) == 1:
+                for t in group[0]:
+                    v = values[t]
+                    assert v is not None
+                    flat.append(v.reshape(v.shape[0], -1))
+                    order.append(t)
+                reference = samples[group[0][0]]
+                assert reference is not None
+                rows.append(reference)
+                n_rows = reference.shape[0]
+            else:
+                references: List[torch.Tensor] = []
+                for members in group:
+                    r = samples[members[0]]
+                    assert r is not None
+                    references.append(r)
+                union, ids = union_rows(torch.cat(references))
+                rows.append(union)
+                n_rows = union.shape[0]
+                start = 0
+                for c in range(len(group)):
+                    parts: List[torch.Tensor] = []
+                    for t in group[c]:
+                        v = values[t]
+                        assert v is not None
+                        parts.append(v.reshape(v.shape[0], -1))
+                        order.append(t)
+                    part = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+                    n = references[c].shape[0]
+                    expanded = torch.zeros(
+                        (n_rows, part.shape[1]), dtype=part.dtype, device=part.device
+                    )
+                    flat.append(expanded.index_put_((ids[start : start + n],), part))
+                    start += n
+            full = order == self._group_slots[g]
+            if self._group_holes[g] or not full:
+                flat.append(torch.zeros((n_rows, 1), dtype=dtype, device=device))
+            groups.append(torch.cat(flat, dim=1) if len(flat) > 1 else flat[0])
+            if full:
+                columns.append(self._columns[g])
+            else:
+                columns.append(self._remap(g, order).index_select(0, self._columns[g]))
+        return groups, columns, rows
+
+    def _remap(self, g: int, order: List[int]) -> torch.Tensor:
+        """``[width + 1]``: for every column of group g's blocks side by side in
+        template order (and its zero column), the column of the same value when the
+        present blocks are placed in ``order``."""
+        slots = self._group_slots[g]
+        n_columns = self._group_width[g] + 1
+        new_start: List[int] = []
+        total = 0
+        for t in order:
+            total += (2 * self._slot_l[t] + 1) * self._slot_n_properties[t]
+        for t in slots:
+            new_start.append(total)  # absent: the zero column
+        widths: List[int] = []
+        for t in slots:
+            widths.append((2 * self._slot_l[t] + 1) * self._slot_n_properties[t])
+        start = 0
+        for t in order:
+            new_start[slots.index(t)] = start
+            start += (2 * self._slot_l[t] + 1) * self._slot_n_properties[t]
+        present: List[bool] = []
+        for t in slots:
+            present.append(t in order)
+        widths.append(1)
+        new_start.append(total)
+        present.append(False)
+        k = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        w = torch.tensor(widths)
+        first = torch.cumsum(w, dim=0) - w
+        offset = torch.arange(n_columns) - first.index_select(0, k)
+        starts = torch.tensor(new_start).index_select(0, k)
+        remap = torch.where(
+            torch.tensor(present).index_select(0, k), starts + offset, torch.full_like(k, total)
+        )
+        return remap.to(self._columns.device)
+
+    def _row_values(self, rows: List[torch.Tensor]) -> torch.Tensor:
+        """All rows, samples then row keys, groups one after the other."""
+        parts: List[torch.Tensor] = []
+        for g in range(len(rows)):
+            r = rows[g]
+            key = torch.tensor(self._group_keys[g], dtype=torch.int32, device=r.device)
+            parts.append(
+                torch.cat([r, key.unsqueeze(0).expand(r.shape[0], key.shape[0])], dim=1)
+            )
+        return torch.cat(parts)
+
+    def _caller_order(self, rows: List[torch.Tensor], wanted: Labels) -> torch.Tensor:
+        """The source row of every entry of ``wanted`` (the zero row when absent);
+        an error for rows of the tensor that ``wanted`` lacks."""
+        names = wanted.names
+        n_sample_dims = len(self._sample_names)
+        all_names = self._sample_names + self._row_key_names
+        columns: List[int] = []
+        for name in names:
+            if name not in all_names:
+                raise ValueError(
+                    "rows have the dimension '" + name + "', which is neither a sample "
+                    + "dimension " + str(self._sample_names) + " nor a row key "
+                    + str(self._row_key_names)
+                )
+            columns.append(all_names.index(name))
+        for name in self._sample_names:
+            if name not in names:
+                raise ValueError(
+                    "rows " + str(names) + " lack the sample dimension '" + name + "'"
+                )
+        everything = self._row_values(rows)
+        source = everything[:, columns]
+        matched, uses = join(source, wanted.values)
+        n_source = source.shape[0]
+        # one host read: rows of the tensor that `wanted` lacks, or that it cannot
+        # tell apart (without the row-key columns, one sample in two row groups)
+        missing = uses == 0
+        shared = torch.zeros(0, dtype=torch.bool, device=source.device)
+        ordered = source
+        if len(columns) == n_sample_dims and n_source > 1:
+            ordered = source.index_select(0, lexsort(source))
+            shared = (ordered[1:] == ordered[:-1]).all(dim=1)
+        verdict = torch.cat([missing, shared])
+        if verdict.shape[0] > 0 and bool(verdict.any()):
+            if bool(missing.any()):
+                i = int(torch.nonzero(missing)[0, 0])
+                raise ValueError(
+                    "the tensor has the row "
+                    + describe(all_names, entry(everything, i))
+                    + ", which is not in `rows`: it would be dropped"
+                )
+            i = int(torch.nonzero(shared)[0, 0])
+            raise ValueError(
+                "the sample " + describe(self._sample_names, entry(ordered, i))
+                + " is in several row groups: give `rows` the row-key columns "
+                + str(self._row_key_names)
+            )
+        return torch.where(matched >= 0, matched, torch.full_like(matched, n_source))
+
+    @torch.jit.export
+    def read(
+        self, tensor: TensorMap, wanted: Optional[Labels]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
+        slots = self._match_keys(tensor.keys)
+        values, samples, actual, expected, reshaped = self._values(tensor, slots)
+        classes, different = self._classes(values, samples, actual, expected)
+        if different:
+            self._explain(tensor, slots, values, reshaped)
+        groups, columns, rows = self._groups(values, samples, classes)
+        if wanted is None:
+            everything = torch.cat(rows)
+            if everything.shape[0] == 0:
+                order = torch.zeros(0, dtype=torch.int64, device=self._columns.device)
+            else:
+                order = lexsort(everything)
+        else:
+            order = self._caller_order(rows, wanted)
+            # the row of zeros for the entries the tensor does not have
+            groups.append(torch.zeros((1, 1), dtype=groups[0].dtype, device=groups[0].device))
+            columns.append(torch.zeros(self._dim, dtype=torch.int64, device=groups[0].device))
+        return groups, columns, order, rows
+
+    @torch.jit.export
+    def labels(self, rows: List[torch.Tensor], order: torch.Tensor) -> Labels:
+        values = self._row_values(rows).index_select(0, order)
+        return Labels(self._sample_names + self._row_key_names, values, assume_unique=True)
 
 
 class TensorMapToIrreps(torch.nn.Module):
     r"""Convert a :py:class:`~metatensor.torch.TensorMap` of spherical tensors (as
-    produced by featomic's ``SphericalExpansion``, ``LodeSphericalExpansion`` or
-    λ-SOAP) to a flat ``[n_rows, irreps_out.dim]`` tensor for e3nn.
+    produced by featomic's ``SphericalExpansion``, ``LodeSphericalExpansion``,
+    ``SphericalExpansionByPair`` or λ-SOAP) to a flat ``[n_rows, irreps_out.dim]``
+    tensor for e3nn.
 
     The layout is planned once from the metadata of ``template``:
 
     - one irrep per ``(o3_lambda, o3_sigma)``, with parity
       ``p = o3_sigma * (-1) ** o3_lambda``, in e3nn's order;
-    - the ``row_keys`` key dimensions (default ``center_type``) move to rows, which are
-      the union of all blocks' samples in lexicographic order;
+    - the ``row_keys`` key dimensions (default: whichever of ``center_type``,
+      ``first_atom_type``, ``second_atom_type`` the template has) move to rows, which
+      are the union of all blocks' samples in lexicographic order, or the caller's
+      ``rows``;
     - every other key dimension (e.g. ``neighbor_type``) moves to channels, ordered by
       (key values, then property entries), the union over the template's blocks;
     - absent blocks and absent entries are zeros; keys are matched by value.
+
+    ``forward`` reads the batch's metadata (TorchScript-compiled, outside
+    ``torch.compile`` graphs), then moves the values with a constant number of tensor
+    operations: per row group one ``cat`` and one column ``index_select``, one row
+    ``index_select``, one ``matmul`` per l >= 2 for the e3nn basis.
 
     Parameters
     ----------
@@ -72,23 +572,14 @@ class TensorMapToIrreps(torch.nn.Module):
     layout : {"mul_ir", "ir_mul"}
         e3nn's ``[mul, 2l+1]`` segments or cuequivariance's ``[2l+1, mul]``.
     row_keys : sequence of str, optional
-        Key dimensions moved to rows. Defaults to ``["center_type"]`` when present.
+        Key dimensions moved to rows.
     check : bool
-        Validate every block (default): sample and property names, ``o3_mu``
-        components, no gradient blocks, no duplicated rows. ``check=False`` skips
-        these for inputs known to come from the template's producer (the property
-        and sample values are still compared: they choose the fast path).
-    kernel : {"torch", "fused", "auto"}
-        How values move on the CPU. ``"torch"`` (default): PyTorch operators only,
-        so that a scripted module loads wherever metatensor-torch does.
-        ``"fused"``: metadata checks and one pass over the data in compiled code,
-        4.4-15x faster forward, 4.8-9.9x faster forward+backward, no
-        intermediates on the benchmarks' reference case and a 17x lower per-call
-        floor (benchmarks/README.md, 2 threads); the kernel is compiled on
-        first use (~2 min, cached), and a scripted module using it needs
-        ``torch.ops.load_library(rascaline_e3nn.library_path())`` in the process
-        that loads it. ``"auto"``: fused when the kernel can be built, else torch.
-        Other devices and ``torch.compile`` always use PyTorch operators.
+        Compare every block's ``o3_mu`` components and property values with the
+        template's, and, within a row group, the samples of blocks of equal length
+        (default; one host read for all of them). ``check=False`` trusts that the
+        input comes from the template's producer: featomic, whose blocks of one row
+        group hold subsets of the same samples, so that equal lengths mean equal
+        samples.
 
     Examples
     --------
@@ -117,29 +608,14 @@ class TensorMapToIrreps(torch.nn.Module):
     >>> y, rows = to_irreps.forward_with_samples(tensor)  # both, metadata read once
     >>> torch.equal(y, x), rows == to_irreps.samples(tensor)
     (True, True)
+    >>> # rows in the caller's order, zeros for rows the tensor does not have
+    >>> wanted = Labels(["system", "atom"], torch.tensor([[0, 1], [0, 5], [0, 0]]))
+    >>> z = to_irreps(tensor, wanted)
+    >>> torch.equal(z[0], x[1]), bool(z[1].abs().sum() == 0), torch.equal(z[2], x[0])
+    (True, True, True)
     """
 
-    _key_names: List[str]
-    _sample_names: List[str]
-    _row_key_names: List[str]
-    _block_l: List[int]
-    _block_group: List[int]
-    _block_prop_ptr: List[int]
-    _block_prop_dims: List[int]
-    _block_prop_names: List[List[str]]
-    _mu_of_l: List[torch.Tensor]
-    _properties_of_block: List[torch.Tensor]
-    _group_blocks: List[int]
-    _group_block_ptr: List[int]
-    _seg_l: List[int]
-    _seg_mul: List[int]
-    _piece_block: List[int]
-    _piece_start: List[int]
-    _piece_len: List[int]
-    _piece_ptr: List[int]
-    _fused_meta: List[int]
-    _fused_columns: List[int]
-    __jit_unused_properties__ = ["_fused"]
+    _rotations: List[List[int]]
 
     def __init__(
         self,
@@ -149,80 +625,32 @@ class TensorMapToIrreps(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
-        kernel: str = "torch",
     ):
         super().__init__()
         self.basis = check_option("basis", basis, BASES)
         self.layout = check_option("layout", layout, LAYOUTS)
-        plan = Layout.from_tensor_map(template, row_keys)
-        self._setup(plan, check, kernel)
+        self._setup(Layout.from_tensor_map(template, row_keys), check)
 
-    def _setup(self, plan: Layout, check: bool, kernel: str) -> None:
+    def _setup(self, plan: Layout, check: bool) -> None:
         self.plan = plan
+        self.check = check
         self.irreps_out = plan.irreps_e3nn
         self._e3nn_basis = self.basis == "e3nn"
-        self._channel_dim = 1 if self.layout == "mul_ir" else 2
-        self._check = check
-        self._dim = plan.dim
-
-        self._key_names = list(plan.key_names)
-        self._sample_names = list(plan.sample_names)
-        self._row_key_names = list(plan.row_key_names)
-        self._n_blocks = len(plan.blocks)
-        self._n_groups = len(plan.groups)
-        self._n_segments = len(plan.segments)
-
-        # template keys stay on the host: keys are matched there
-        self._keys_host = torch.tensor([b.key for b in plan.blocks], dtype=torch.int32)
-        self._block_l = [b.l for b in plan.blocks]
-        self._block_group = [b.group for b in plan.blocks]
-        ptr = [0]
-        dims: List[int] = []
-        for b in plan.blocks:
-            ptr.append(ptr[-1] + b.properties.numel())
-            dims.append(b.properties.shape[1])
-        self._block_prop_ptr = ptr
-        self._block_prop_dims = dims
-        self._block_prop_names = [list(plan.property_names[(b.l, b.p)]) for b in plan.blocks]
-        group_blocks: List[int] = []
-        group_block_ptr = [0]
-        for g in range(len(plan.groups)):
-            group_blocks.extend(t for t, b in enumerate(plan.blocks) if b.group == g)
-            group_block_ptr.append(len(group_blocks))
-        self._group_blocks = group_blocks
-        self._group_block_ptr = group_block_ptr
-        props = torch.cat([b.properties.reshape(-1) for b in plan.blocks])
-        self.register_buffer("_props", props, persistent=False)
-
-        self.register_buffer("_group_keys", plan.group_keys(), persistent=False)
-
-        self._seg_l = [s.l for s in plan.segments]
-        self._seg_mul = [s.mul for s in plan.segments]
-        piece_block, piece_start, piece_len, piece_ptr = plan.piece_tables()
-        self._piece_block = piece_block
-        self._piece_start = piece_start
-        self._piece_len = piece_len
-        self._piece_ptr = piece_ptr
-
-        basis_matrices, perm, inverse = basis_tables(plan.max_l)
-        self.register_buffer("_basis", basis_matrices, persistent=False)
-        self.register_buffer("_perm1", perm, persistent=False)
-        self.register_buffer("_perm1_inverse", inverse, persistent=False)
-        L = plan.max_l
-        self.register_buffer(
-            "_mu", torch.arange(-L, L + 1, dtype=torch.int32), persistent=False
+        self._mul_ir = self.layout == "mul_ir"
+        columns = plan.column_map(self.basis, self.layout)
+        self._read = torch.jit.script(_ReadTensorMap(plan, columns, self._e3nn_basis, check))
+        basis, rotations = basis_tables(
+            [(s.l, s.mul, s.offset) for s in plan.segments] if self._e3nn_basis else []
         )
-        # host copies for the checks of CPU inputs (moved per call for other devices)
-        self._mu_of_l = [torch.arange(-l, l + 1, dtype=torch.int32) for l in range(L + 1)]
-        self._properties_of_block = [b.properties.clone() for b in plan.blocks]
+        self.register_buffer("_basis", basis, persistent=False)
+        self._rotations = rotations
 
-        self.kernel = kernel
-        self._ops = fused_ops(kernel)
-        self._fused_meta, self._fused_columns = plan.fused_tables(self.layout)
-        # host copy: the fused kernel reads the metadata on the CPU
-        self._group_keys_host = plan.group_keys()
-
-    # ------------------------------------------------------------------ metadata
+    def _apply(self, fn, recurse=True):
+        # the change of basis stays float64 (cast to the input's dtype per call)
+        basis = self._basis
+        super()._apply(fn, recurse)
+        self._basis = basis.to(device=fn(basis).device)
+        return self
 
     @classmethod
     def from_calculator(
@@ -234,7 +662,6 @@ class TensorMapToIrreps(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
-        kernel: str = "torch",
     ) -> "TensorMapToIrreps":
         """The layout of a featomic-torch ``SphericalExpansion`` or
         ``LodeSphericalExpansion`` for a batch containing every pair of
@@ -242,10 +669,7 @@ class TensorMapToIrreps(torch.nn.Module):
         from ._calculator import template_from_calculator
 
         template = template_from_calculator(calculator, atom_types)
-        return cls(
-            template, basis=basis, layout=layout, row_keys=row_keys, check=check,
-            kernel=kernel,
-        )
+        return cls(template, basis=basis, layout=layout, row_keys=row_keys, check=check)
 
     @torch.jit.unused
     def inverse(self):
@@ -253,19 +677,13 @@ class TensorMapToIrreps(torch.nn.Module):
         from ._to_tensor_map import IrrepsToTensorMap
 
         return IrrepsToTensorMap._from_plan(
-            self.plan, basis=self.basis, layout=self.layout, check=self._check,
-            kernel=self.kernel,
+            self.plan, basis=self.basis, layout=self.layout, check=self.check
         )
 
     @torch.jit.unused
     def keys(self) -> Labels:
         """Keys of the planned layout (the template's keys)."""
         return self.plan.keys()
-
-    @property
-    def _fused(self) -> bool:
-        """Whether this module calls the fused kernel (for CPU inputs)."""
-        return self._ops is not None
 
     def extra_repr(self) -> str:
         return f"{self.irreps_out}, basis={self.basis}, layout={self.layout}"
@@ -275,489 +693,65 @@ class TensorMapToIrreps(torch.nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _match_keys(self, keys: Labels) -> List[int]:
-        names = keys.names
-        if len(names) != len(self._key_names):
-            raise ValueError(
-                "the input keys have dimensions " + str(names) + ", the layout expects "
-                + str(self._key_names)
-            )
-        columns: List[int] = []
-        for name in self._key_names:
-            if name not in names:
-                raise ValueError(
-                    "the input keys have dimensions " + str(names)
-                    + ", the layout expects " + str(self._key_names)
-                )
-            columns.append(names.index(name))
-        values = keys.values.to("cpu")[:, columns]
-        equal = (values.unsqueeze(1) == self._keys_host.unsqueeze(0)).all(dim=2)
-        found = equal.any(dim=1)
-        if not bool(found.all()):
-            missing = int(torch.nonzero(~found)[0, 0])
-            raise ValueError(
-                "block " + describe_key(self._key_names, values[missing])
-                + " is not in the layout planned from the template; build the module "
-                + "from a template (or calculator and atom_types) containing this key"
-            )
-        slots: List[int] = equal.to(torch.int32).argmax(dim=1).tolist()
-        seen: List[bool] = [False] * self._n_blocks
-        for i in range(len(slots)):
-            if seen[slots[i]]:
-                raise ValueError(
-                    "block " + describe_key(self._key_names, values[i])
-                    + " appears twice in the input keys"
-                )
-            seen[slots[i]] = True
-        return slots
+    @torch.jit.unused
+    def _read_outside_graph(
+        self, tensor: TensorMap, rows: Optional[Labels]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
+        return _read_batch(self._read, tensor, rows)
 
-    def _collect(
-        self, tensor: TensorMap
-    ) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
-        """Values of every planned block (None where absent), expanded to the rows of
-        their group, and the samples of each group."""
-        slots = self._match_keys(tensor.keys)
-        blocks = tensor.blocks()
-        device = tensor.keys.values.device
-        values: List[Optional[torch.Tensor]] = []
-        samples: List[Optional[torch.Tensor]] = []
-        first: List[int] = []
-        for _ in range(self._n_blocks):
-            values.append(None)
-            samples.append(None)
-        for _ in range(self._n_groups):
-            first.append(-1)
+    def _read_batch(
+        self, tensor: TensorMap, rows: Optional[Labels]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
+        if torch.jit.is_scripting():
+            return self._read.read(tensor, rows)
+        return self._read_outside_graph(tensor, rows)
 
-        # The common case, checked with one device->host read in all: every block has
-        # its template's properties (and o3_mu components), and the blocks of a group
-        # share their samples. Anything else takes the detailed path below, which
-        # handles (or names) it block by block.
-        fast = True
-        # on a GPU, the comparisons are gathered into one read; on the CPU there is
-        # nothing to synchronise and torch.equal is the cheapest comparison
-        on_cpu = device.type == "cpu"
-        flags: List[torch.Tensor] = []
-        # names and gradients are the same for every block of a TensorMap (metatensor
-        # refuses anything else): one look for the whole map
-        if len(blocks) > 0 and (
-            tensor.sample_names != self._sample_names
-            or tensor.component_names != ["o3_mu"]
-            or tensor.property_names != self._block_prop_names[slots[0]]
-            or len(blocks[0].gradients_list()) != 0
-        ):
-            fast = False
-        for i in range(len(slots)):
-            if not fast:
-                break
-            t = slots[i]
-            block = blocks[i]
-            l = self._block_l[t]
-            value = block.values
-            if value.dim() != 3 or value.shape[1] != 2 * l + 1:
-                fast = False
-                break
-            if self._e3nn_basis and not value.is_floating_point():
-                raise ValueError(
-                    "block " + describe_key(self._key_names, self._keys_host[t])
-                    + " has values of dtype " + _dtype_name(value)
-                    + ": the e3nn basis change needs floating point values"
-                )
-            block_samples = block.samples
-            properties = block.properties
-            if self._check:
-                components = block.components
-                if components[0].values.shape[0] != 2 * l + 1:
-                    fast = False
-                    break
-                if on_cpu:
-                    mu = self._mu_of_l[l]
-                else:
-                    # the module's buffer: on the input's device when the module is
-                    L = (self._mu.shape[0] - 1) // 2
-                    mu = self._mu[L - l : L + l + 1].to(device)
-                if not _same(components[0].values.reshape(-1), mu, on_cpu, flags):
-                    fast = False
-                    break
-            actual = properties.values
-            if on_cpu:
-                expected = self._properties_of_block[t]
-            else:
-                expected = self._template_properties(t).to(device)
-            if not _same(actual, expected, on_cpu, flags):
-                fast = False
-                break
-            sample_values = block_samples.values
-            values[t] = value
-            samples[t] = sample_values
-            g = self._block_group[t]
-            if first[g] < 0:
-                first[g] = t
-            else:
-                reference = samples[first[g]]
-                assert reference is not None
-                if not _same(sample_values, reference, on_cpu, flags):
-                    fast = False
-                    break
-        if fast and len(flags) > 0:
-            fast = bool(torch.stack(flags).all())
-        if fast:
-            group_samples: List[torch.Tensor] = []
-            for g in range(self._n_groups):
-                if first[g] < 0:
-                    group_samples.append(
-                        torch.zeros(
-                            (0, len(self._sample_names)), dtype=torch.int32, device=device
-                        )
-                    )
-                else:
-                    s = samples[first[g]]
-                    assert s is not None
-                    group_samples.append(s)
-            return values, group_samples
-        return self._collect_in_detail(slots, blocks, device)
-
-    def _collect_in_detail(
-        self, slots: List[int], blocks: List[TensorBlock], device: torch.device
-    ) -> Tuple[List[Optional[torch.Tensor]], List[torch.Tensor]]:
-        values: List[Optional[torch.Tensor]] = []
-        samples: List[Optional[torch.Tensor]] = []
-        for _ in range(self._n_blocks):
-            values.append(None)
-            samples.append(None)
-        for i in range(len(slots)):
-            t = slots[i]
-            block = blocks[i]
-            l = self._block_l[t]
-            if self._check:
-                where = describe_key(self._key_names, self._keys_host[t])
-                check_block(block, l, self._mu, self._sample_names, where)
-            value = block.values
-            if value.dim() != 3 or value.shape[1] != 2 * l + 1:
-                raise ValueError(
-                    "block " + describe_key(self._key_names, self._keys_host[t])
-                    + " has values of shape " + str(value.shape)
-                    + ", expected [samples, " + str(2 * l + 1) + ", properties]"
-                )
-            values[t] = self._match_properties(t, value, block.properties)
-            samples[t] = block.samples.values
-
-        group_samples: List[torch.Tensor] = []
-        for g in range(self._n_groups):
-            present: List[int] = []
-            for t in range(self._n_blocks):
-                if self._block_group[t] == g and samples[t] is not None:
-                    present.append(t)
-            if len(present) == 0:
-                group_samples.append(
-                    torch.zeros(
-                        (0, len(self._sample_names)), dtype=torch.int32, device=device
-                    )
-                )
-                continue
-            first = samples[present[0]]
-            assert first is not None
-            shared = True
-            for t in present:
-                s = samples[t]
-                assert s is not None
-                if s.shape[0] != first.shape[0] or not torch.equal(s, first):
-                    shared = False
-                    break
-            if shared:
-                group_samples.append(first)
-                continue
-            # generic path: union of the samples, each block expanded to it
-            everything: List[torch.Tensor] = []
-            for t in present:
-                s = samples[t]
-                assert s is not None
-                everything.append(s)
-            union, inverse = unique_rows(torch.cat(everything))
-            start = 0
-            for t in present:
-                v = values[t]
-                assert v is not None
-                n = v.shape[0]
-                if torch.unique(inverse[start : start + n]).shape[0] != n:
-                    raise ValueError(
-                        "block " + describe_key(self._key_names, self._keys_host[t])
-                        + " has duplicated samples"
-                    )
-                full = torch.zeros(
-                    (union.shape[0], v.shape[1], v.shape[2]),
-                    dtype=v.dtype,
-                    device=v.device,
-                )
-                values[t] = full.index_copy(0, inverse[start : start + n], v)
-                start += n
-            group_samples.append(union)
-        return values, group_samples
-
-    def _template_properties(self, t: int) -> torch.Tensor:
-        expected = self._props[self._block_prop_ptr[t] : self._block_prop_ptr[t + 1]]
-        return expected.reshape(-1, self._block_prop_dims[t])
-
-    def _match_properties(
-        self, t: int, value: torch.Tensor, properties: Labels
+    def move(
+        self, groups: List[torch.Tensor], columns: List[torch.Tensor], order: torch.Tensor
     ) -> torch.Tensor:
-        expected = self._template_properties(t).to(value.device)
-        actual = properties.values
-        if properties.names != self._block_prop_names[t]:
-            raise ValueError(
-                "block " + describe_key(self._key_names, self._keys_host[t])
-                + " has properties " + str(properties.names) + ", the template has "
-                + str(self._block_prop_names[t])
-            )
-        if actual.shape == expected.shape and torch.equal(actual, expected):
-            return value
-        where = describe_key(self._key_names, self._keys_host[t])
-        if actual.shape[1] != expected.shape[1]:
-            raise ValueError(
-                "block " + where + " has properties " + str(properties.names)
-                + " which do not match the template's"
-            )
-        equal = (actual.unsqueeze(1) == expected.unsqueeze(0)).all(dim=2)
-        found = equal.any(dim=1)
-        if not bool(found.all()):
-            missing = int(torch.nonzero(~found)[0, 0])
-            raise ValueError(
-                "block " + where + " has property " + str(int_list(actual[missing]))
-                + " " + str(properties.names) + " which is not in the template"
-            )
-        index = equal.to(torch.int32).argmax(dim=1)
-        full = torch.zeros(
-            (value.shape[0], value.shape[1], expected.shape[0]),
-            dtype=value.dtype,
-            device=value.device,
-        )
-        return full.index_copy(2, index, value)
-
-    def _rows(self, group_samples: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-        """All rows (samples then row keys), sorted, and the output position of each
-        row of the groups concatenated in order."""
+        """The data step alone, pure tensor code: gather each row group's columns,
+        the rows, then the change of basis (``torch.compile(fullgraph=True)``
+        accepts it)."""
         parts: List[torch.Tensor] = []
-        for g in range(self._n_groups):
-            s = group_samples[g]
-            key = self._group_keys[g].to(s.device).unsqueeze(0)
-            parts.append(torch.cat([s, key.expand(s.shape[0], key.shape[1])], dim=1))
-        rows = torch.cat(parts)
-        order = lexsort(rows)
-        rows = rows.index_select(0, order)
-        if self._check and rows.shape[0] > 1:
-            same = (rows[1:] == rows[:-1]).all(dim=1)
-            if bool(same.any()):
-                i = int(torch.nonzero(same)[0, 0])
-                raise ValueError(
-                    "duplicated sample "
-                    + describe_key(self._sample_names + self._row_key_names, rows[i])
-                    + " in the input blocks"
-                )
-        return rows, inverse_permutation(order)
+        for g in range(len(groups)):
+            parts.append(groups[g].index_select(1, columns[g]))
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        out = out.index_select(0, order)
+        if self._e3nn_basis:
+            out = rotate(out, self._basis, self._rotations, self._mul_ir, False)
+        return out
 
-    def _channel_form(self, v: torch.Tensor, l: int, basis: torch.Tensor) -> torch.Tensor:
-        """``[n, P, 2l+1]`` (mul_ir) or ``[n, 2l+1, P]`` (ir_mul), in the output basis."""
-        if self._e3nn_basis and l == 1:
-            v = v.index_select(1, self._perm1)
-        if self._e3nn_basis and l >= 2:
-            # one 2-D GEMM each (torch.matmul would run n tiny batched products)
-            D = basis[l, : 2 * l + 1, : 2 * l + 1]
-            if self._channel_dim == 1:
-                # [n, P, 2l+1], contiguous
-                return torch.tensordot(v, D, dims=([1], [1]))
-            # [n, 2l+1, P], a view of a [2l+1, n, P] result: every [:, m] is contiguous
-            return torch.tensordot(D, v, dims=([1], [1])).movedim(0, 1)
-        if self._channel_dim == 1:
-            # one transposing copy, after which every channel run is a plain view
-            return v.transpose(1, 2).contiguous()
-        return v
+    def forward(self, tensor: TensorMap, rows: Optional[Labels] = None) -> torch.Tensor:
+        """The ``[n_rows, irreps_out.dim]`` tensor of ``tensor``; rows as
+        :py:meth:`samples`, or one per entry of ``rows`` (``Labels`` with the
+        template's sample names, optionally the row-key columns too) in that order,
+        zeros for entries the tensor does not have. A row of the tensor missing
+        from ``rows`` is an error."""
+        groups, columns, order, _ = self._read_batch(tensor, rows)
+        return self.move(groups, columns, order)
 
     @torch.jit.export
     def samples(self, tensor: TensorMap) -> Labels:
         """Metadata of the rows of ``forward(tensor)``: the block sample dimensions,
         then the key dimensions moved to rows."""
-        if self._ops is not None and self._n_blocks > 0 and may_fuse():
-            found = self._ops.samples_map(
-                tensor, self._key_names, self._keys_host, self._sample_names,
-                self._row_key_names, self._block_prop_names[0], self._block_l,
-                self._block_group, self._properties_of_block, self._group_keys_host,
-                self._check,
-            )
-            if len(found) == 1:
-                return found[0]
-        _, group_samples = self._collect(tensor)
-        rows, _ = self._rows(group_samples)
-        return labels(self._sample_names + self._row_key_names, rows)
+        _, _, order, rows = self._read_batch(tensor, None)
+        return self._read.labels(rows, order)
 
     @torch.jit.export
     def forward_with_samples(self, tensor: TensorMap) -> Tuple[torch.Tensor, Labels]:
-        """``(forward(tensor), samples(tensor))`` in one call, for batches whose rows
-        change from call to call (featomic batches): the metadata work (matching the
-        keys, the union of every center type's samples, the order of the rows) is
-        done once instead of twice."""
-        if self._ops is not None and self._n_blocks > 0 and may_fuse():
-            done, out, found = self._ops.to_irreps_samples_map(
-                tensor, self._key_names, self._keys_host, self._sample_names,
-                self._row_key_names, self._block_prop_names[0], self._block_l,
-                self._block_group, self._properties_of_block, self._group_keys_host,
-                self._check, fused_basis(self._e3nn_basis, self._basis),
-                self._fused_meta, self._fused_columns, self._dim,
-            )
-            if done:
-                if len(found) == 1:
-                    return out, found[0]
-                # rows not unique (check=False): samples() names the problem
-                return out, self.samples(tensor)
-        values, group_samples = self._collect(tensor)
-        rows, position = self._rows(group_samples)
-        out = self._convert(values, group_samples, position)
-        return out, labels(self._sample_names + self._row_key_names, rows)
+        """``(forward(tensor), samples(tensor))`` with the metadata read once."""
+        groups, columns, order, rows = self._read_batch(tensor, None)
+        return self.move(groups, columns, order), self._read.labels(rows, order)
 
-    def forward(self, tensor: TensorMap) -> torch.Tensor:
-        if self._ops is not None and self._n_blocks > 0 and may_fuse():
-            done, out = self._fused_map(tensor)
-            if done:
-                return out
 
-        values, group_samples = self._collect(tensor)
-        _, position = self._rows(group_samples)
-        return self._convert(values, group_samples, position)
-
-    def _convert(
-        self,
-        values: List[Optional[torch.Tensor]],
-        group_samples: List[torch.Tensor],
-        position: torch.Tensor,
-    ) -> torch.Tensor:
-        """The flat tensor of the collected block values (rows: ``position``)."""
-        dtype = torch.zeros(0).dtype  # the default dtype, when no block is present
-        device = self._basis.device
-        for v in values:
-            if v is not None:
-                dtype = v.dtype
-                device = v.device
-                break
-        if (
-            self._ops is not None
-            and device.type == "cpu"
-            and (dtype == torch.float32 or dtype == torch.float64)
-            and may_fuse()
-        ):
-            present: List[torch.Tensor] = []
-            slots: List[int] = []
-            for t in range(self._n_blocks):
-                v = values[t]
-                if v is not None:
-                    present.append(v)
-                    slots.append(t)
-            if len(present) > 0:
-                group_rows: List[int] = []
-                for g in range(self._n_groups):
-                    group_rows.append(group_samples[g].shape[0])
-                return self._ops.to_irreps(
-                    present, slots, position, group_rows,
-                    fused_basis(self._e3nn_basis, self._basis),
-                    self._fused_meta, self._fused_columns, self._dim,
-                )
-
-        basis = self._basis.to(dtype=dtype, device=device)
-        out = torch.empty((position.shape[0], self._dim), dtype=dtype, device=device)
-        # Without autograd, row groups go one after the other straight into the
-        # output, so that the memory of one group's intermediates is reused by the
-        # next (fresh pages cost more than the copies). With autograd, one scatter of
-        # all the rows: successive in-place scatters would each copy the whole
-        # gradient in backward.
-        needs_grad = False
-        if torch.is_grad_enabled():
-            for v in values:
-                if v is not None and v.requires_grad:
-                    needs_grad = True
-        grouped: List[torch.Tensor] = []
-        forms: List[Optional[torch.Tensor]] = []
-        for t in range(self._n_blocks):
-            forms.append(None)
-        start = 0
-        for g in range(self._n_groups):
-            n = group_samples[g].shape[0]
-            for i in range(self._group_block_ptr[g], self._group_block_ptr[g + 1]):
-                t = self._group_blocks[i]
-                v = values[t]
-                if v is not None:
-                    forms[t] = self._channel_form(v, self._block_l[t], basis)
-            # 2-D pieces [n, width] in the order of the output columns: one cat
-            pieces: List[torch.Tensor] = []
-            for s in range(self._n_segments):
-                k0 = self._piece_ptr[g * self._n_segments + s]
-                k1 = self._piece_ptr[g * self._n_segments + s + 1]
-                self._segment_pieces(pieces, forms, s, k0, k1, n, dtype, device)
-            for i in range(self._group_block_ptr[g], self._group_block_ptr[g + 1]):
-                forms[self._group_blocks[i]] = None
-            if len(pieces) == 0:  # every segment without channels
-                group = torch.zeros((n, 0), dtype=dtype, device=device)
-            elif len(pieces) == 1:
-                group = pieces[0].reshape(n, self._dim)
-            else:
-                group = torch.cat(pieces, dim=1)
-            if needs_grad:
-                grouped.append(group)
-            else:
-                scatter_rows(out, position[start : start + n], group)
-            start += n
-        if needs_grad:
-            if len(grouped) == 1:
-                scatter_rows(out, position, grouped[0])
-            else:
-                scatter_rows(out, position, torch.cat(grouped, dim=0))
-        return out
-
-    def _fused_map(self, tensor: TensorMap) -> Tuple[bool, torch.Tensor]:
-        """The common case, metadata included, in one call of the fused kernel (CPU,
-        float32/64); anything else comes back as ``(False, _)``."""
-        return self._ops.to_irreps_map(
-            tensor, self._key_names, self._keys_host, self._sample_names,
-            self._block_prop_names[0], self._block_l, self._block_group,
-            self._properties_of_block, self._group_keys_host, self._check,
-            fused_basis(self._e3nn_basis, self._basis), self._fused_meta,
-            self._fused_columns, self._dim,
-        )
-
-    def _segment_pieces(
-        self,
-        pieces: List[torch.Tensor],
-        forms: List[Optional[torch.Tensor]],
-        s: int,
-        k0: int,
-        k1: int,
-        n: int,
-        dtype: torch.dtype,
-        device: torch.device,
-    ) -> None:
-        """Append the [n, width] pieces of segment s (channel runs k0..k1) to pieces."""
-        l = self._seg_l[s]
-        n_m = 2 * l + 1
-        cd = self._channel_dim
-        # runs of channels: [n, run, 2l+1] (mul_ir) or [n, 2l+1, run] (ir_mul)
-        parts: List[torch.Tensor] = []
-        for k in range(k0, k1):
-            t = self._piece_block[k]
-            length = self._piece_len[k]
-            form: Optional[torch.Tensor] = None
-            if t >= 0:
-                form = forms[t]
-            if form is not None:
-                parts.append(_run(form, cd, self._piece_start[k], length))
-            elif cd == 1:
-                parts.append(torch.zeros((n, length, n_m), dtype=dtype, device=device))
-            else:
-                parts.append(torch.zeros((n, n_m, length), dtype=dtype, device=device))
-        if cd == 1:
-            # mul_ir: each run is a contiguous [n, run * (2l+1)] piece of the row
-            for part in parts:
-                pieces.append(part.reshape(n, part.shape[1] * n_m))
-        else:
-            # ir_mul: [n, 2l+1, mul] from a cat along the channel axis (copies whole
-            # runs: much faster than one piece per m)
-            width = n_m * self._seg_mul[s]
-            if len(parts) == 1:
-                pieces.append(parts[0].reshape(n, width))
-            elif len(parts) > 1:
-                pieces.append(torch.cat(parts, dim=2).reshape(n, width))
+@torch.compiler.disable
+def _read_batch(read, tensor: TensorMap, rows: Optional[Labels]):
+    """The metadata step, outside any ``torch.compile`` graph (metatensor's classes
+    are TorchScript objects dynamo cannot trace); the batch dimensions of what it
+    returns are marked dynamic, so that new batch sizes do not recompile."""
+    groups, columns, order, row_values = read.read(tensor, rows)
+    for g in groups:
+        torch._dynamo.maybe_mark_dynamic(g, 0)
+        torch._dynamo.maybe_mark_dynamic(g, 1)
+    torch._dynamo.maybe_mark_dynamic(order, 0)
+    return groups, columns, order, row_values

@@ -107,32 +107,17 @@ def assert_fails(function, args, match, scripted=False):
     assert re.search(match, text), f"{match!r} not found in the message {text!r}"
 
 
-#: the kernel the modules of the current test use (both run every test below: the
-#: fused kernel must hand every malformed input to the detailed path, which names it)
-KERNEL = ["torch"]
-
-
-@pytest.fixture(autouse=True, params=["torch", "fused"])
-def kernel(request):
-    KERNEL[0] = request.param
-    yield request.param
-    KERNEL[0] = "torch"
-
-
 def to_irreps(scripted, tensor=None, **options):
-    options.setdefault("kernel", KERNEL[0])
     module = TensorMapToIrreps(template() if tensor is None else tensor, **options)
     return torch.jit.script(module) if scripted else module
 
 
 def inverse(scripted, **options):
-    options.setdefault("kernel", KERNEL[0])
     module = TensorMapToIrreps(template(), **options).inverse()
     return torch.jit.script(module) if scripted else module
 
 
 def from_irreps(scripted, irreps, **options):
-    options.setdefault("kernel", KERNEL[0])
     module = IrrepsToTensorMap(irreps, **options)
     return torch.jit.script(module) if scripted else module
 

@@ -70,8 +70,6 @@ def describe(tensor: TensorMap) -> str:
 
 
 
-#: both ways of moving values: the fused kernel must agree with the reference too
-KERNELS = ["torch", "fused"]
 
 # ---------------------------------------------------------------------- builders
 
@@ -321,24 +319,23 @@ def check_round_trip(conv, template, tensor, row_keys, basis, x=None, samples=No
     case=cases(),
     basis=st.sampled_from(BASES),
     layout=st.sampled_from(LAYOUTS),
-    kernel=st.sampled_from(KERNELS),
 )
 @SETTINGS
-def test_matches_reference(case, basis, layout, kernel):
+def test_matches_reference(case, basis, layout):
     conv = TensorMapToIrreps(
-        case.template, basis=basis, layout=layout, row_keys=case.row_keys, kernel=kernel
+        case.template, basis=basis, layout=layout, row_keys=case.row_keys
     )
     check_forward(conv, case.template, case.tensor, case.row_keys, basis, layout)
 
 
 @given(
-    case=cases(distinct=True), layout=st.sampled_from(LAYOUTS), kernel=st.sampled_from(KERNELS)
+    case=cases(distinct=True), layout=st.sampled_from(LAYOUTS)
 )
 @SETTINGS
-def test_every_value_exactly_once(case, layout, kernel):
+def test_every_value_exactly_once(case, layout):
     """With distinct inputs 1..N: outputs are a permutation of them plus exact zeros."""
     conv = TensorMapToIrreps(
-        case.template, basis="featomic", layout=layout, row_keys=case.row_keys, kernel=kernel
+        case.template, basis="featomic", layout=layout, row_keys=case.row_keys
     )
     x = conv(case.tensor)
     inputs = torch.cat([b.values.reshape(-1) for b in case.tensor.blocks()] + [torch.zeros(0)])
@@ -352,12 +349,11 @@ def test_every_value_exactly_once(case, layout, kernel):
     case=cases(),
     basis=st.sampled_from(BASES),
     layout=st.sampled_from(LAYOUTS),
-    kernel=st.sampled_from(KERNELS),
 )
 @settings(SETTINGS, max_examples=35)
-def test_round_trip(case, basis, layout, kernel):
+def test_round_trip(case, basis, layout):
     conv = TensorMapToIrreps(
-        case.template, basis=basis, layout=layout, row_keys=case.row_keys, kernel=kernel
+        case.template, basis=basis, layout=layout, row_keys=case.row_keys
     )
     check_round_trip(conv, case.template, case.tensor, case.row_keys, basis)
 
@@ -368,10 +364,9 @@ def test_round_trip(case, basis, layout, kernel):
     layout=st.sampled_from(LAYOUTS),
     dtype=st.sampled_from(DTYPES),
     data=st.data(),
-    kernel=st.sampled_from(KERNELS),
 )
 @settings(SETTINGS, max_examples=35)
-def test_inverse_matches_reference(layout_data, basis, layout, dtype, data, kernel):
+def test_inverse_matches_reference(layout_data, basis, layout, dtype, data):
     """``IrrepsToTensorMap`` reads arbitrary (not only round-tripped) tensors and rows
     in any order like the one-value-at-a-time reference."""
     key_names, keys, property_names, properties, row_keys = layout_data
@@ -388,7 +383,7 @@ def test_inverse_matches_reference(layout_data, basis, layout, dtype, data, kern
     # values in channels that no block holds for their rows are dropped knowingly
     # here (check=False); what check=True does with them is tested below
     inverse = TensorMapToIrreps(
-        template, basis=basis, layout=layout, row_keys=row_keys, check=False, kernel=kernel
+        template, basis=basis, layout=layout, row_keys=row_keys, check=False
     ).inverse()
     seed = data.draw(st.integers(0, 2**31 - 1))
     generator = torch.Generator().manual_seed(seed)

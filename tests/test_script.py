@@ -63,13 +63,11 @@ def test_to_tensor_map_scripted_equals_eager(tensor):
     assert torch.equal(outputs[0][1], outputs[1][1])
 
 
-@pytest.mark.parametrize("kernel", ["torch", "fused"])
-def test_saved_and_loaded_in_a_fresh_process(tmp_path, tensor, kernel):
+def test_saved_and_loaded_in_a_fresh_process(tmp_path, tensor):
     """Save scripted modules, a TensorMap and the eager results; a fresh Python
     process that never imports rascaline_e3nn loads and runs them, forward and
-    backward, and must give the same numbers. With the fused kernel, that process
-    loads only its shared library (as a C++ program would)."""
-    conv = TensorMapToIrreps(tensor, kernel=kernel)
+    backward, and must give the same numbers."""
+    conv = TensorMapToIrreps(tensor)
     inverse = conv.inverse()
     torch.jit.save(torch.jit.script(conv), tmp_path / "to_irreps.pt")
     torch.jit.save(torch.jit.script(inverse), tmp_path / "to_tensor_map.pt")
@@ -85,8 +83,6 @@ def test_saved_and_loaded_in_a_fresh_process(tmp_path, tensor, kernel):
         from metatensor.torch import TensorBlock, TensorMap
         assert "rascaline_e3nn" not in sys.modules
         path = sys.argv[1]
-        if len(sys.argv) > 2:
-            torch.ops.load_library(sys.argv[2])
         to_irreps = torch.jit.load(path + "/to_irreps.pt")
         to_tensor_map = torch.jit.load(path + "/to_tensor_map.pt")
         tensor = mts.load(path + "/input.mts")
@@ -111,8 +107,7 @@ def test_saved_and_loaded_in_a_fresh_process(tmp_path, tensor, kernel):
         assert "rascaline_e3nn" not in sys.modules
         """
     )
-    library = [rascaline_e3nn.library_path()] if kernel == "fused" else []
-    subprocess.run([sys.executable, "-c", script, str(tmp_path)] + library, check=True)
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True)
     loaded = torch.load(tmp_path / "out.pt")
 
     x, grads = run_both(conv, tensor, weights)

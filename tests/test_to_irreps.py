@@ -146,16 +146,14 @@ def test_l0_and_l1_are_bit_exact_permutations(lode_water, layout):
             assert torch.equal(a, b[:, :, [2, 0, 1]])
 
 
-@pytest.mark.parametrize("kernel", ["torch", "fused"])
 @pytest.mark.parametrize("make_calculator", [lode, spherical_expansion])
 @pytest.mark.parametrize("layout", ["mul_ir", "ir_mul"])
-def test_equivariance_proper_and_improper(float64_default, make_calculator, layout, kernel):
+def test_equivariance_proper_and_improper(float64_default, make_calculator, layout):
     calculator = make_calculator()
     system = water_sodium()
     module = TensorMapToIrreps.from_calculator(
-        calculator, [1, 8, 11], layout=layout, kernel=kernel
+        calculator, [1, 8, 11], layout=layout
     )
-    assert module._fused == (kernel == "fused")
     x = module(calculator([system]))
     irreps = module.irreps_out
     for R in accurate_rotations(3):

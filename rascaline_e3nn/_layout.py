@@ -1,8 +1,10 @@
-"""Pure index planning on metadata: which value of which block goes where.
+"""Pure planning on metadata: which value of which block goes to which column.
 
-Nothing here runs in ``forward``: :class:`Layout` is built once, from the metadata of a
-template :class:`~metatensor.torch.TensorMap` (or from e3nn irreps), and the modules turn
-it into flat integer tables.
+Nothing here runs in ``forward``. :class:`Layout` is built once, from the metadata of
+a template :class:`~metatensor.torch.TensorMap` (or from e3nn irreps), and
+:meth:`Layout.column_map` turns it into the one table both adapters read: for every
+row group, where each output column comes from in the group's blocks placed side by
+side.
 """
 
 from dataclasses import dataclass
@@ -12,11 +14,14 @@ import torch
 from e3nn import o3
 from metatensor.torch import Labels, TensorMap
 
-from ._conventions import parity, sigma
-from ._tables import check_block, describe_key
+from ._conventions import basis_permutation, parity, sigma
 
 #: key dimensions that define the irrep of a block
 IRREP_KEYS = ("o3_lambda", "o3_sigma")
+#: key dimensions moved to rows by default, when the template has them: atom-centred
+#: expansions have ``center_type``, pair expansions ``first_atom_type`` and
+#: ``second_atom_type``
+DEFAULT_ROW_KEYS = ("center_type", "first_atom_type", "second_atom_type")
 
 
 @dataclass(frozen=True)
@@ -29,6 +34,11 @@ class BlockPlan:
     group: int  #: index into ``Layout.groups`` (values of the row-like key dimensions)
     properties: torch.Tensor  #: ``[n_properties, n_property_dims]`` int32
     channels: Tuple[int, ...]  #: channel of each property within its irrep
+
+    @property
+    def width(self) -> int:
+        """Number of values of one sample: ``(2l+1) * n_properties``."""
+        return (2 * self.l + 1) * self.properties.shape[0]
 
 
 @dataclass(frozen=True)
@@ -46,11 +56,6 @@ class Segment:
         return self.mul * (2 * self.l + 1)
 
 
-#: a run of consecutive channels of a segment, for one group of rows: ``(block, first
-#: property, n)`` taken from a block, or ``(-1, 0, n)`` for n channels of zeros
-Piece = Tuple[int, int, int]
-
-
 @dataclass
 class Layout:
     """The complete metadata plan shared by both adapters."""
@@ -59,13 +64,14 @@ class Layout:
     row_key_names: List[str]
     channel_key_names: List[str]
     sample_names: List[str]
-    #: distinct (l, p), in e3nn order, with their channels and property names
+    property_names: List[str]
+    #: distinct (l, p), in e3nn order, with their channels
     irreps: List[Tuple[int, int]]
     channels: Dict[Tuple[int, int], List[Tuple[int, ...]]]
-    property_names: Dict[Tuple[int, int], List[str]]
     blocks: List[BlockPlan]
     #: distinct values of the row-like key dimensions, ascending
     groups: List[Tuple[int, ...]]
+    #: the ``mul x (l, p)`` entries of the flat tensor, without empty ones
     segments: List[Segment]
 
     @property
@@ -80,87 +86,57 @@ class Layout:
     def max_l(self) -> int:
         return max((l for l, _ in self.irreps), default=0)
 
-    def blocks_of(self, group: int, irrep: Tuple[int, int]) -> List[int]:
-        return [
-            t
-            for t, b in enumerate(self.blocks)
-            if b.group == group and (b.l, b.p) == irrep
-        ]
-
-    def pieces(self, group: int, segment: int) -> List[Piece]:
-        """Runs of channels of ``segment`` for the rows of ``group``."""
-        seg = self.segments[segment]
-        source: Dict[int, Tuple[int, int]] = {}
-        for t in self.blocks_of(group, (seg.l, seg.p)):
-            for j, c in enumerate(self.blocks[t].channels):
-                source[c] = (t, j)
-
-        pieces: List[List[int]] = []
-        for c in range(seg.channel_start, seg.channel_start + seg.mul):
-            t, j = source.get(c, (-1, 0))
-            if pieces:
-                last = pieces[-1]
-                if t == -1 and last[0] == -1:
-                    last[2] += 1
-                    continue
-                if t != -1 and last[0] == t and last[1] + last[2] == j:
-                    last[2] += 1
-                    continue
-            pieces.append([t, j, 1])
-        return [(t, j, n) for t, j, n in pieces]
-
-    def piece_tables(self) -> Tuple[List[int], List[int], List[int], List[int]]:
-        """Every piece of every (row group, segment), flat: ``(block, start, length,
-        ptr)``, the pieces of group g and segment s being
-        ``ptr[g * n_segments + s] : ptr[g * n_segments + s + 1]``."""
-        block: List[int] = []
-        start: List[int] = []
-        length: List[int] = []
-        ptr = [0]
-        for g in range(len(self.groups)):
-            for s in range(len(self.segments)):
-                for t, j, n in self.pieces(g, s):
-                    block.append(t)
-                    start.append(j)
-                    length.append(n)
-                ptr.append(len(block))
-        return block, start, length, ptr
-
-    def fused_tables(self, layout: str) -> Tuple[List[int], List[int]]:
-        """Tables of the fused kernel: ``meta`` (``l``, group, start in ``columns``
-        per block) and ``columns`` (first column and m step of every property of
-        every block, in the block's property order)."""
-        where: Dict[Tuple[int, int], Tuple[int, int]] = {}
-        for g in range(len(self.groups)):
-            for s in range(len(self.segments)):
-                c = 0
-                for t, j, n in self.pieces(g, s):
-                    if t >= 0:
-                        for i in range(n):
-                            where[(t, j + i)] = (s, c + i)
-                    c += n
-        meta: List[int] = []
-        columns: List[int] = []
-        for t, b in enumerate(self.blocks):
-            meta += [b.l, b.group, len(columns)]
-            n_m = 2 * b.l + 1
-            for j in range(b.properties.shape[0]):
-                s, c = where[(t, j)]
-                seg = self.segments[s]
-                if layout == "mul_ir":
-                    columns += [seg.offset + c * n_m, 1]
-                else:
-                    columns += [seg.offset + c, seg.mul]
-        return meta, columns
-
-    def group_keys(self) -> torch.Tensor:
-        """``[n_groups, n_row_keys]`` values of the row-like key dimensions."""
-        groups = torch.tensor(self.groups, dtype=torch.int32)
-        return groups.reshape(len(self.groups), len(self.row_key_names))
+    def group_blocks(self, group: int) -> List[int]:
+        """The blocks of a row group, in template order: the order in which their
+        values are placed side by side."""
+        return [t for t, b in enumerate(self.blocks) if b.group == group]
 
     def keys(self) -> Labels:
         values = torch.tensor([b.key for b in self.blocks], dtype=torch.int32)
         return Labels(self.key_names, values.reshape(-1, len(self.key_names)))
+
+    def column_map(self, basis: str, layout: str) -> torch.Tensor:
+        """``[n_groups, dim]`` int64: for each row group and output column, the column
+        of the group's blocks placed side by side (each block's values
+        ``[n, 2l+1, n_properties]`` flattened to ``[n, width]``, in the order of
+        :meth:`group_blocks`) holding its value, or the group's total width (a zero
+        column appended after the blocks) for channels no block of the group holds.
+
+        The m order is featomic's for every l except l = 1 with ``basis="e3nn"``,
+        where e3nn's order is a permutation of featomic's and is folded in here; the
+        dense l >= 2 change of basis is applied to the gathered columns."""
+        table = torch.empty((len(self.groups), self.dim), dtype=torch.int64)
+        for g in range(len(self.groups)):
+            where: Dict[Tuple[int, int, int], int] = {}  # (l, p, channel) -> (start, P, j)
+            start = 0
+            starts = {}
+            for t in self.group_blocks(g):
+                b = self.blocks[t]
+                starts[t] = start
+                for j, c in enumerate(b.channels):
+                    where[(b.l, b.p, c)] = t, j
+                start += b.width
+            zero = start
+            for s in self.segments:
+                n_m = 2 * s.l + 1
+                if basis == "e3nn" and s.l == 1:
+                    m_source = basis_permutation(1)
+                else:
+                    m_source = list(range(n_m))
+                for c in range(s.mul):
+                    found = where.get((s.l, s.p, s.channel_start + c))
+                    for m in range(n_m):
+                        if layout == "mul_ir":
+                            column = s.offset + c * n_m + m
+                        else:
+                            column = s.offset + m * s.mul + c
+                        if found is None:
+                            table[g, column] = zero
+                        else:
+                            t, j = found
+                            n_properties = self.blocks[t].properties.shape[0]
+                            table[g, column] = starts[t] + m_source[m] * n_properties + j
+        return table
 
     # ------------------------------------------------------------------ builders
 
@@ -176,7 +152,7 @@ class Layout:
                     "is read from the 'o3_lambda' and 'o3_sigma' key dimensions"
                 )
         if row_keys is None:
-            row_keys = [n for n in ("center_type",) if n in key_names]
+            row_keys = [n for n in DEFAULT_ROW_KEYS if n in key_names]
         row_keys = list(row_keys)
         for name in row_keys:
             if name not in key_names or name in IRREP_KEYS:
@@ -189,50 +165,42 @@ class Layout:
         channel_keys = [n for n in key_names if n not in IRREP_KEYS and n not in row_keys]
         if len(template.keys) == 0:
             raise ValueError("the template TensorMap has no blocks")
-
-        col = {name: i for i, name in enumerate(key_names)}
-        keys = template.keys.values.to("cpu")
-        sample_names: Optional[List[str]] = None
-        prop_names: Dict[Tuple[int, int], List[str]] = {}
-        raw = []
-        for index in range(len(template.keys)):
-            key = tuple(int(v) for v in keys[index])
-            described = describe_key(key_names, torch.tensor(key))
-            if any(r[0] == key for r in raw):
-                raise ValueError(f"the template has the key {described} twice")
-            block = template.block_by_id(index)
-            l, s = key[col["o3_lambda"]], key[col["o3_sigma"]]
-            try:
-                p = parity(l, s)
-            except ValueError as e:
-                raise ValueError(f"block {described}: {e}") from None
-            mu = torch.arange(-l, l + 1, dtype=torch.int32)
-            check_block(block, l, mu, list(block.samples.names), described)
-            if sample_names is None:
-                sample_names = list(block.samples.names)
-            elif list(block.samples.names) != sample_names:
-                raise ValueError(
-                    f"block {described} has samples {list(block.samples.names)}, "
-                    f"other blocks have {sample_names}"
-                )
-            names = list(block.properties.names)
-            if prop_names.setdefault((l, p), names) != names:
-                raise ValueError(
-                    f"block {described} has properties {names}, other blocks of the "
-                    f"same (o3_lambda, o3_sigma) have {prop_names[(l, p)]}"
-                )
-            row = tuple(key[col[n]] for n in row_keys)
-            chan = tuple(key[col[n]] for n in channel_keys)
-            props = block.properties.values.to("cpu", torch.int32)
-            raw.append((key, l, p, row, chan, props))
-        assert sample_names is not None
+        sample_names = list(template.sample_names)
         for name in row_keys:
             if name in sample_names:
                 raise ValueError(
                     f"row key '{name}' is already a sample dimension {sample_names}"
                 )
+        if template.component_names != ["o3_mu"]:
+            raise ValueError(
+                f"the template's blocks have components {template.component_names}, "
+                "expected ['o3_mu']"
+            )
 
-        irreps = sorted(prop_names)
+        col = {name: i for i, name in enumerate(key_names)}
+        keys = template.keys.values.to("cpu")
+        raw = []
+        for index in range(len(template.keys)):
+            key = tuple(int(v) for v in keys[index])
+            block = template.block_by_id(index)
+            l, s = key[col["o3_lambda"]], key[col["o3_sigma"]]
+            described = ", ".join(f"{n}={v}" for n, v in zip(key_names, key))
+            try:
+                p = parity(l, s)
+            except ValueError as e:
+                raise ValueError(f"block ({described}): {e}") from None
+            mu = block.components[0].values.reshape(-1).to("cpu")
+            if not torch.equal(mu, torch.arange(-l, l + 1, dtype=mu.dtype)):
+                raise ValueError(
+                    f"block ({described}) has o3_mu components {mu.tolist()}, expected "
+                    f"-{l}..{l} in increasing order"
+                )
+            row = tuple(key[col[n]] for n in row_keys)
+            chan = tuple(key[col[n]] for n in channel_keys)
+            props = block.properties.values.to("cpu", torch.int32)
+            raw.append((key, l, p, row, chan, props))
+
+        irreps = sorted({(l, p) for _, l, p, _, _, _ in raw})
         channels: Dict[Tuple[int, int], List[Tuple[int, ...]]] = {}
         for ir in irreps:
             entries = set()
@@ -260,6 +228,8 @@ class Layout:
         offset = 0
         for l, p in irreps:
             mul = len(channels[(l, p)])
+            if mul == 0:  # blocks without properties: nothing to hold
+                continue
             segments.append(Segment(l, p, mul, 0, offset))
             offset += mul * (2 * l + 1)
         return Layout(
@@ -267,30 +237,31 @@ class Layout:
             row_key_names=row_keys,
             channel_key_names=channel_keys,
             sample_names=sample_names,
+            property_names=list(template.property_names),
             irreps=irreps,
             channels=channels,
-            property_names=prop_names,
             blocks=blocks,
             groups=groups,
             segments=segments,
         )
 
     @staticmethod
-    def from_irreps(
-        irreps: o3.Irreps, sample_names: Sequence[str], property_name: str
-    ) -> "Layout":
-        """One block per distinct (l, p) of ``irreps``, duplicates merged in order."""
+    def from_irreps(irreps: o3.Irreps, property_name: str) -> "Layout":
+        """One block per distinct (l, p) of ``irreps``, repeated irreps merged in
+        order; no row groups, samples given by the caller."""
         irreps = o3.Irreps(irreps)
-        if len(irreps) == 0 or irreps.dim == 0:
-            raise ValueError(f"irreps {irreps} are empty")
         counts: Dict[Tuple[int, int], int] = {}
         segments = []
         offset = 0
         for mul, ir in irreps:
+            if mul == 0:
+                continue
             lp = (ir.l, ir.p)
             segments.append(Segment(ir.l, ir.p, mul, counts.get(lp, 0), offset))
             counts[lp] = counts.get(lp, 0) + mul
             offset += mul * ir.dim
+        if len(segments) == 0:
+            raise ValueError(f"irreps {irreps} are empty")
         order = sorted(counts)
         blocks = [
             BlockPlan(
@@ -307,10 +278,10 @@ class Layout:
             key_names=list(IRREP_KEYS),
             row_key_names=[],
             channel_key_names=[],
-            sample_names=list(sample_names),
+            sample_names=[],
+            property_names=[property_name],
             irreps=order,
             channels={lp: [(i,) for i in range(counts[lp])] for lp in order},
-            property_names={lp: [property_name] for lp in order},
             blocks=blocks,
             groups=[()],
             segments=segments,
