@@ -30,6 +30,19 @@ def entry(values: torch.Tensor, i: int) -> List[int]:
     return int_list(values[i])
 
 
+def call_scripted(method, *args):
+    """Call a TorchScript method from eager code, raising its ``ValueError`` as one
+    (TorchScript wraps it in a ``torch.jit.Error``). Python only."""
+    try:
+        return method(*args)
+    except torch.jit.Error as error:
+        message = str(error)
+        marker = "builtins.ValueError: "
+        if marker in message:
+            raise ValueError(message[message.rindex(marker) + len(marker) :].strip()) from None
+        raise
+
+
 def lexsort(rows: torch.Tensor) -> torch.Tensor:
     """Permutation sorting the rows of a 2-D integer tensor lexicographically (one
     stable sort per column, no host read)."""

@@ -189,6 +189,13 @@ class Layout:
                 p = parity(l, s)
             except ValueError as e:
                 raise ValueError(f"block ({described}): {e}") from None
+            if len(block.gradients_list()) != 0:
+                raise ValueError(
+                    f"block ({described}) has gradients {block.gradients_list()}: "
+                    "explicit gradient blocks are not converted; compute without "
+                    "`gradients=` and let featomic-torch's autograd integration "
+                    "propagate derivatives to positions and cell instead"
+                )
             mu = block.components[0].values.reshape(-1).to("cpu")
             if not torch.equal(mu, torch.arange(-l, l + 1, dtype=mu.dtype)):
                 raise ValueError(

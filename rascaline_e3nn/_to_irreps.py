@@ -7,6 +7,7 @@ from metatensor.torch import Labels, TensorMap
 
 from ._batch import (
     basis_tables,
+    call_scripted,
     describe,
     entry,
     int_list,
@@ -112,6 +113,11 @@ class _ReadTensorMap(torch.nn.Module):
                     + " is not in the layout planned from the template; build the module "
                     + "from a template (or calculator and atom_types) containing this key"
                 )
+            if slots[t] >= 0:
+                raise ValueError(
+                    "block " + describe(self._key_names, values[i])
+                    + " appears twice in the input keys"
+                )
             slots[t] = i
         return slots
 
@@ -172,8 +178,9 @@ class _ReadTensorMap(torch.nn.Module):
             l = self._slot_l[t]
             if value.dim() != 3 or value.shape[1] != 2 * l + 1:
                 raise ValueError(
-                    self._name(t) + " has values of shape " + str(value.shape)
-                    + ", expected [samples, " + str(2 * l + 1) + ", properties]"
+                    self._name(t) + " has o3_mu components "
+                    + str(int_list(block.components[0].values)) + " (values of shape "
+                    + str(value.shape) + "), expected -" + str(l) + ".." + str(l)
                 )
             if t == 0 or values[0] is None:
                 if self._e3nn_basis and not torch.is_floating_point(value):
@@ -293,7 +300,7 @@ class _ReadTensorMap(torch.nn.Module):
                     for t in members[1:]:
                         pairs.append([t, members[0]])
             classes.append(group)
-        if len(pairs) == 0 and len(actual) == 0:
+        if len(pairs) == 0 and not self._check:
             return classes, False
         device = self._columns.device
         flags: List[torch.Tensor] = []
@@ -301,6 +308,8 @@ class _ReadTensorMap(torch.nn.Module):
             flags.append((torch.cat(actual) != torch.cat(expected)).sum().reshape(1))
         else:
             flags.append(torch.zeros(1, dtype=torch.int64, device=device))
+        if self._check:
+            flags.append(self._duplicated(samples, classes))
         if len(pairs) > 0:
             mine: List[torch.Tensor] = []
             theirs: List[torch.Tensor] = []
@@ -311,7 +320,7 @@ class _ReadTensorMap(torch.nn.Module):
                 assert s is not None and r is not None
                 mine.append(s.reshape(-1))
                 theirs.append(r.reshape(-1))
-                sizes.append(s.numel())
+                sizes.append(s.shape[0] * s.shape[1])
             segment = torch.repeat_interleave(
                 torch.arange(len(pairs), device=device),
                 torch.tensor(sizes, device=device),
@@ -321,6 +330,10 @@ class _ReadTensorMap(torch.nn.Module):
             different.index_add_(0, segment, (torch.cat(mine) != torch.cat(theirs)).to(torch.int64))
             flags.append(different)
         read: List[int] = torch.cat(flags).tolist()
+        if self._check:
+            if read[1] != 0:
+                self._explain_duplicates(samples, classes)
+            read = read[:1] + read[2:]
         if len(pairs) == 0 or max(read[1:]) == 0:
             return classes, read[0] != 0
         # blocks of equal length with other samples: their own classes
@@ -342,6 +355,50 @@ class _ReadTensorMap(torch.nn.Module):
                         split.append([t])
             classes[g] = split
         return classes, read[0] != 0
+
+    def _duplicated(
+        self, samples: List[Optional[torch.Tensor]], classes: List[List[List[int]]]
+    ) -> torch.Tensor:
+        """``[1]``: how many samples repeat within one block (blocks of a class are
+        compared to its first one, so the first ones are enough)."""
+        device = self._columns.device
+        references: List[torch.Tensor] = []
+        sizes: List[int] = []
+        for group in classes:
+            for members in group:
+                r = samples[members[0]]
+                assert r is not None
+                references.append(r)
+                sizes.append(r.shape[0])
+        total = sum(sizes)
+        if total < 2:
+            return torch.zeros(1, dtype=torch.int64, device=device)
+        which = torch.repeat_interleave(
+            torch.arange(len(sizes), device=device),
+            torch.tensor(sizes, device=device),
+            output_size=total,
+        )
+        rows = torch.cat([torch.cat(references), which.to(torch.int32).unsqueeze(1)], dim=1)
+        ordered = rows.index_select(0, lexsort(rows))
+        return (ordered[1:] == ordered[:-1]).all(dim=1).sum().reshape(1)
+
+    def _explain_duplicates(
+        self, samples: List[Optional[torch.Tensor]], classes: List[List[List[int]]]
+    ) -> None:
+        for group in classes:
+            for members in group:
+                r = samples[members[0]]
+                assert r is not None
+                if r.shape[0] > 1:
+                    ordered = r.index_select(0, lexsort(r))
+                    same = (ordered[1:] == ordered[:-1]).all(dim=1)
+                    if bool(same.any()):
+                        i = int(torch.nonzero(same)[0, 0])
+                        raise ValueError(
+                            self._name(members[0]) + " has the sample "
+                            + describe(self._sample_names, entry(ordered, i))
+                            + " more than once"
+                        )
 
     def _groups(
         self,
@@ -735,13 +792,22 @@ class TensorMapToIrreps(torch.nn.Module):
         """Metadata of the rows of ``forward(tensor)``: the block sample dimensions,
         then the key dimensions moved to rows."""
         _, _, order, rows = self._read_batch(tensor, None)
-        return self._read.labels(rows, order)
+        return self._labels(rows, order)
+
+    def _labels(self, rows: List[torch.Tensor], order: torch.Tensor) -> Labels:
+        if torch.jit.is_scripting():
+            return self._read.labels(rows, order)
+        return self._labels_eager(rows, order)
+
+    @torch.jit.unused
+    def _labels_eager(self, rows: List[torch.Tensor], order: torch.Tensor) -> Labels:
+        return _labels(self._read, rows, order)
 
     @torch.jit.export
     def forward_with_samples(self, tensor: TensorMap) -> Tuple[torch.Tensor, Labels]:
         """``(forward(tensor), samples(tensor))`` with the metadata read once."""
         groups, columns, order, rows = self._read_batch(tensor, None)
-        return self.move(groups, columns, order), self._read.labels(rows, order)
+        return self.move(groups, columns, order), self._labels(rows, order)
 
 
 @torch.compiler.disable
@@ -749,9 +815,14 @@ def _read_batch(read, tensor: TensorMap, rows: Optional[Labels]):
     """The metadata step, outside any ``torch.compile`` graph (metatensor's classes
     are TorchScript objects dynamo cannot trace); the batch dimensions of what it
     returns are marked dynamic, so that new batch sizes do not recompile."""
-    groups, columns, order, row_values = read.read(tensor, rows)
+    groups, columns, order, row_values = call_scripted(read.read, tensor, rows)
     for g in groups:
         torch._dynamo.maybe_mark_dynamic(g, 0)
         torch._dynamo.maybe_mark_dynamic(g, 1)
     torch._dynamo.maybe_mark_dynamic(order, 0)
     return groups, columns, order, row_values
+
+
+@torch.compiler.disable
+def _labels(read, rows: List[torch.Tensor], order: torch.Tensor) -> Labels:
+    return read.labels(rows, order)

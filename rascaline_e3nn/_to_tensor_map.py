@@ -6,7 +6,7 @@ import torch
 from e3nn import o3
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from ._batch import basis_tables, describe, entry, lexsort, rotate
+from ._batch import basis_tables, call_scripted, describe, entry, lexsort, rotate
 from ._conventions import BASES, LAYOUTS, check_option
 from ._layout import Layout
 
@@ -65,6 +65,7 @@ class _WriteTensorMap(torch.nn.Module):
             Labels(plan.property_names, b.properties) for b in plan.blocks
         ]
 
+    @torch.jit.export
     def move_labels(self, device: torch.device) -> None:
         """Move the Labels this module holds (called by the outer module's ``.to``)."""
         self._keys = self._keys.to(device)
@@ -129,8 +130,9 @@ class _WriteTensorMap(torch.nn.Module):
             flags.append(torch.bincount(gid, minlength=len(self._group_slots)))
             flags.append((~known).sum().reshape(1))
             order = torch.argsort(gid, stable=True)
-        if used < len(names):
-            # dropping columns of the samples could make two rows equal
+        duplicates = (used < len(names) or self._check) and n_rows > 1
+        if duplicates:
+            # Labels(..., assume_unique=True), or dropped columns, can repeat a row
             rows = torch.cat([selected, gid.to(selected.dtype).unsqueeze(1)], dim=1)
             ordered = rows.index_select(0, lexsort(rows))
             flags.append(((ordered[1:] == ordered[:-1]).all(dim=1)).sum().reshape(1))
@@ -154,7 +156,7 @@ class _WriteTensorMap(torch.nn.Module):
                         + ", which is not in the layout"
                     )
                 at += 1
-            if used < len(names):
+            if duplicates:
                 if read[at] != 0:
                     raise ValueError(
                         "samples contain the same " + str(sample_names) + " twice in "
@@ -378,6 +380,27 @@ class IrrepsToTensorMap(torch.nn.Module):
                 "the input must be floating point for the e3nn basis change, got "
                 + str(x.dtype)
             )
-        order, counts, sample_values, sample_names = self._write.group(x, samples)
+        if torch.jit.is_scripting():
+            order, counts, sample_values, sample_names = self._write.group(x, samples)
+        else:
+            order, counts, sample_values, sample_names = self._group_eager(x, samples)
         parts = self.move(x, order, counts)
-        return self._write.write(parts, sample_values, counts, sample_names)
+        if torch.jit.is_scripting():
+            return self._write.write(parts, sample_values, counts, sample_names)
+        return self._write_eager(parts, sample_values, counts, sample_names)
+
+    @torch.jit.unused
+    def _group_eager(
+        self, x: torch.Tensor, samples: Labels
+    ) -> Tuple[torch.Tensor, List[int], torch.Tensor, List[str]]:
+        return call_scripted(self._write.group, x, samples)
+
+    @torch.jit.unused
+    def _write_eager(
+        self,
+        parts: List[torch.Tensor],
+        samples: torch.Tensor,
+        counts: List[int],
+        sample_names: List[str],
+    ) -> TensorMap:
+        return call_scripted(self._write.write, parts, samples, counts, sample_names)
