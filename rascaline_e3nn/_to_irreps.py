@@ -431,7 +431,7 @@ class _ReadTensorMap(torch.nn.Module):
                 for t in group[0]:
                     v = values[t]
                     assert v is not None
-                    flat.append(v.reshape(v.shape[0], -1))
+                    flat.append(v.reshape(v.shape[0], v.shape[1] * v.shape[2]))
                     order.append(t)
                 reference = samples[group[0][0]]
                 assert reference is not None
@@ -452,7 +452,7 @@ class _ReadTensorMap(torch.nn.Module):
                     for t in group[c]:
                         v = values[t]
                         assert v is not None
-                        parts.append(v.reshape(v.shape[0], -1))
+                        parts.append(v.reshape(v.shape[0], v.shape[1] * v.shape[2]))
                         order.append(t)
                     part = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
                     n = references[c].shape[0]
