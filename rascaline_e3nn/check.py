@@ -177,8 +177,9 @@ def _fit(X: torch.Tensor, Y: torch.Tensor, ir) -> torch.Tensor:
     if singular.numel() < ir.dim or singular[-1] <= 1e-8 * singular[0]:
         raise ValueError(
             f"the features of irrep {ir} span fewer than its {ir.dim} components "
-            "(too few atoms or channels, or a too symmetric structure): its D "
-            "cannot be measured; try another structure or more radial functions"
+            "(a planar or linear structure, too few atoms or channels): its D "
+            "cannot be measured; try a three-dimensional structure or more radial "
+            "functions"
         )
     return torch.linalg.lstsq(X, Y).solution.T
 
@@ -438,14 +439,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     hypers = None
     if args.hypers is not None:
         text = args.hypers
-        if pathlib.Path(text).is_file():
-            text = pathlib.Path(text).read_text()
-        hypers = json.loads(text)
+        try:
+            if not text.lstrip().startswith("{"):
+                text = pathlib.Path(text).read_text()
+            hypers = json.loads(text)
+        except (OSError, ValueError) as error:
+            parser.error(f"--hypers: {error}")
 
-    rows = check_conventions(
-        args.structure, calculator=args.calculator, hypers=hypers,
-        n_rotations=args.rotations, seed=args.seed, output=args.output or None,
-    )
+    try:
+        rows = check_conventions(
+            args.structure, calculator=args.calculator, hypers=hypers,
+            n_rotations=args.rotations, seed=args.seed, output=args.output or None,
+        )
+    except (ImportError, OSError, ValueError) as error:
+        parser.error(str(error))
     print(format_table(rows))
     worst = max(r["error_e3nn_D"] for r in rows if r["basis"] == "e3nn")
     if args.output:

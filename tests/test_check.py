@@ -116,3 +116,12 @@ def test_cli_writes_the_picture(tmp_path):
     assert "e3nn      2e     proper" in result.stdout
     image = pytest.importorskip("matplotlib.image").imread(str(output))
     assert image.shape[0] > 1000 and image.shape[1] > 1000  # five rows of three panels
+
+
+def test_planar_molecule_is_a_clear_error(tmp_path):
+    ase = pytest.importorskip("ase")
+    structure = tmp_path / "water.xyz"
+    ase.Atoms("OH2", positions=[[0, 0, 0], [0.96, 0, 0], [-0.24, 0.93, 0]]).write(str(structure))
+    # its l = 1 features all lie in the molecule's plane
+    with pytest.raises(ValueError, match="irrep 1o span fewer than its 3 components"):
+        check_conventions(structure, calculator="spherical-expansion")

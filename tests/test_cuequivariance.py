@@ -9,6 +9,9 @@ cuequivariance sorts ``0e`` before ``0o``, e3nn ``0o`` before ``0e``, so do not
 ``sort()`` the ``cue.Irreps``: take them in our (e3nn) order.
 """
 
+import pathlib
+import re
+
 import pytest
 import torch
 from e3nn import o3
@@ -134,3 +137,15 @@ def test_cuequivariance_tensor_product_is_equivariant_on_ir_mul(float64_default)
             x_rotated = to_irreps(calculator([rotate(system, Rm)]))
             error = (product(x_rotated, x_rotated) - rotate_ir_mul(y, irreps_out, Rm)).abs().max()
             assert error <= 1e-12, f"det={torch.det(Rm):.0f}: error {error:.2e}"
+
+
+def test_readme_cuequivariance_example_runs():
+    readme = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Which layout for which library"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    calculator = lode(max_angular=2, max_radial=1)
+    namespace = {"calculator": calculator, "systems": [water_sodium()],
+                 "TensorMapToIrreps": TensorMapToIrreps, "torch": torch}
+    exec(compile(code, "README.md", "exec"), namespace)
+    y = namespace["y"]
+    assert y.shape == (7, 4) and y.dtype == torch.float64
