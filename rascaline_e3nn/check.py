@@ -187,7 +187,7 @@ def _fit(X: torch.Tensor, Y: torch.Tensor, ir) -> torch.Tensor:
 def _measure(structure, calculator, n_rotations: int, seed: int):
     types = sorted({int(t) for t in structure.types})
     modules = {
-        basis: TensorMapToIrreps.from_calculator(calculator, types, basis=basis)
+        basis: TensorMapToIrreps.from_calculator(calculator, atom_types=types, basis=basis)
         for basis in BASES
     }
     irreps = modules["e3nn"].irreps_out
