@@ -118,7 +118,7 @@ def rotate(
     ``inverse`` applies ``D_l^T`` (e3nn to featomic)."""
     if len(rotations) == 0:
         return x
-    matrices = basis.to(x.dtype)
+    matrices = basis if basis.dtype == x.dtype else basis.to(x.dtype)
     n_rows = x.shape[0]
     pieces: List[torch.Tensor] = []
     last = 0

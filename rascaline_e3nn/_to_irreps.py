@@ -14,7 +14,6 @@ from ._batch import (
     join,
     lexsort,
     rotate,
-    union_rows,
 )
 from ._conventions import BASES, LAYOUTS, check_option
 from ._layout import Layout
@@ -81,6 +80,8 @@ class _ReadTensorMap(torch.nn.Module):
         L = plan.max_l
         mu = [torch.arange(-l, l + 1, dtype=torch.int32) for l in range(L + 1)]
         self.register_buffer("_mu", torch.cat(mu), persistent=False)
+        weights = [6364136223846793005 * (c + 1) % 2**61 + 1 for c in range(len(plan.sample_names))]
+        self.register_buffer("_hash_weights", torch.tensor(weights), persistent=False)
 
     # ------------------------------------------------------------------ keys
 
@@ -183,7 +184,8 @@ class _ReadTensorMap(torch.nn.Module):
                     + str(value.shape) + "), expected -" + str(l) + ".." + str(l)
                 )
             if t == 0 or values[0] is None:
-                if self._e3nn_basis and not torch.is_floating_point(value):
+                floating = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+                if self._e3nn_basis and value.dtype not in floating:
                     raise ValueError(
                         "the input has " + str(value.dtype) + " values: the e3nn basis "
                         + "change needs floating point values (use basis='featomic' "
@@ -310,6 +312,7 @@ class _ReadTensorMap(torch.nn.Module):
             flags.append(torch.zeros(1, dtype=torch.int64, device=device))
         if self._check:
             flags.append(self._duplicated(samples, classes))
+        hashed: List[int] = []
         if len(pairs) > 0:
             mine: List[torch.Tensor] = []
             theirs: List[torch.Tensor] = []
@@ -318,43 +321,49 @@ class _ReadTensorMap(torch.nn.Module):
                 s = samples[pair[0]]
                 r = samples[pair[1]]
                 assert s is not None and r is not None
-                mine.append(s.reshape(-1))
-                theirs.append(r.reshape(-1))
-                sizes.append(s.shape[0] * s.shape[1])
+                mine.append(s)
+                theirs.append(r)
+                sizes.append(s.shape[0])
+                hashed.append(pair[0])
             segment = torch.repeat_interleave(
-                torch.arange(len(pairs), device=device),
-                torch.tensor(sizes, device=device),
-                output_size=sum(sizes),
+                torch.tensor(sizes, device=device), output_size=sum(sizes)
             )
-            different = torch.zeros(len(pairs), dtype=torch.int64, device=device)
-            different.index_add_(0, segment, (torch.cat(mine) != torch.cat(theirs)).to(torch.int64))
-            flags.append(different)
+            rows = torch.cat(mine)
+            different = (rows != torch.cat(theirs)).any(dim=1)
+            # a hash of each compared block's set of samples, to split the blocks that
+            # differ from the first of their length into classes (checked exactly later)
+            code = (rows * self._hash_weights[: rows.shape[1]]).sum(dim=1)
+            mixed = torch.stack([different.to(torch.int64), code * (code + 1442695040888963407)])
+            per_pair = torch.zeros((2, len(pairs)), dtype=torch.int64, device=device)
+            flags.append(per_pair.index_add_(1, segment, mixed).reshape(-1))
         read: List[int] = torch.cat(flags).tolist()
         if self._check:
             if read[1] != 0:
                 self._explain_duplicates(samples, classes)
             read = read[:1] + read[2:]
-        if len(pairs) == 0 or max(read[1:]) == 0:
-            return classes, read[0] != 0
-        # blocks of equal length with other samples: their own classes
+        different = read[0] != 0
+        if len(pairs) == 0 or max(read[1 : 1 + len(pairs)]) == 0:
+            return classes, different
+        # blocks of equal length holding other samples: classes by (length, hash of
+        # the samples), verified exactly with the union of the samples (_groups)
+        hashes = read[1 + len(pairs) :]
         for g in range(len(classes)):
             split: List[List[int]] = []
+            signatures: List[str] = []
             for members in classes[g]:
-                split.append([members[0]])
-                for t in members[1:]:
-                    placed = False
-                    for c in range(len(split)):
-                        r = samples[split[c][0]]
-                        s = samples[t]
-                        assert r is not None and s is not None
-                        if r.shape == s.shape and torch.equal(r, s):
-                            split[c].append(t)
-                            placed = True
-                            break
-                    if not placed:
+                for t in members:
+                    v = values[t]
+                    assert v is not None
+                    signature = str(v.shape[0])
+                    if t in hashed:
+                        signature += ":" + str(hashes[hashed.index(t)])
+                    if signature in signatures:
+                        split[signatures.index(signature)].append(t)
+                    else:
+                        signatures.append(signature)
                         split.append([t])
             classes[g] = split
-        return classes, read[0] != 0
+        return classes, different
 
     def _duplicated(
         self, samples: List[Optional[torch.Tensor]], classes: List[List[List[int]]]
@@ -373,12 +382,8 @@ class _ReadTensorMap(torch.nn.Module):
         total = sum(sizes)
         if total < 2:
             return torch.zeros(1, dtype=torch.int64, device=device)
-        which = torch.repeat_interleave(
-            torch.arange(len(sizes), device=device),
-            torch.tensor(sizes, device=device),
-            output_size=total,
-        )
-        rows = torch.cat([torch.cat(references), which.to(torch.int32).unsqueeze(1)], dim=1)
+        which = torch.repeat_interleave(torch.tensor(sizes, device=device), output_size=total)
+        rows = torch.cat([torch.cat(references), which.unsqueeze(1)], dim=1)
         ordered = rows.index_select(0, lexsort(rows))
         return (ordered[1:] == ordered[:-1]).all(dim=1).sum().reshape(1)
 
@@ -408,7 +413,7 @@ class _ReadTensorMap(torch.nn.Module):
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
         """Per row group: the blocks side by side, the column map, the sample values."""
         device = self._columns.device
-        dtype = torch.zeros(0).dtype
+        dtype = torch.float64  # when no block is present
         for v in values:
             if v is not None:
                 dtype = v.dtype
@@ -418,6 +423,11 @@ class _ReadTensorMap(torch.nn.Module):
         columns: List[torch.Tensor] = []
         rows: List[torch.Tensor] = []
         flat: List[torch.Tensor] = []
+        unions, union_ids, exact = self._unions(samples, classes)
+        if not exact:
+            # blocks of one class differ: compare them one by one
+            self._exact_classes(samples, classes)
+            unions, union_ids, exact = self._unions(samples, classes)
         for g in range(len(self._group_slots)):
             group = classes[g]
             if len(group) == 0:
@@ -438,12 +448,8 @@ class _ReadTensorMap(torch.nn.Module):
                 rows.append(reference)
                 n_rows = reference.shape[0]
             else:
-                references: List[torch.Tensor] = []
-                for members in group:
-                    r = samples[members[0]]
-                    assert r is not None
-                    references.append(r)
-                union, ids = union_rows(torch.cat(references))
+                union = unions[g]
+                ids = union_ids[g]
                 rows.append(union)
                 n_rows = union.shape[0]
                 start = 0
@@ -455,7 +461,9 @@ class _ReadTensorMap(torch.nn.Module):
                         parts.append(v.reshape(v.shape[0], v.shape[1] * v.shape[2]))
                         order.append(t)
                     part = torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
-                    n = references[c].shape[0]
+                    reference = samples[group[c][0]]
+                    assert reference is not None
+                    n = reference.shape[0]
                     expanded = torch.zeros(
                         (n_rows, part.shape[1]), dtype=part.dtype, device=part.device
                     )
@@ -470,6 +478,106 @@ class _ReadTensorMap(torch.nn.Module):
             else:
                 columns.append(self._remap(g, order).index_select(0, self._columns[g]))
         return groups, columns, rows
+
+    def _unions(
+        self, samples: List[Optional[torch.Tensor]], classes: List[List[List[int]]]
+    ) -> Tuple[List[torch.Tensor], List[torch.Tensor], bool]:
+        """For every row group whose blocks hold different samples: the sorted union
+        of its samples, and the row of the union of every sample of its classes (in
+        class order). One host read for all groups: the size of each union, and the
+        exact comparison of every block with the first of its class."""
+        device = self._columns.device
+        unions: List[torch.Tensor] = []
+        union_ids: List[torch.Tensor] = []
+        tagged: List[torch.Tensor] = []
+        mine: List[torch.Tensor] = []
+        theirs: List[torch.Tensor] = []
+        multi: List[int] = []
+        for g in range(len(classes)):
+            # placeholders for groups without a union (never read)
+            unions.append(self._mu)
+            union_ids.append(self._mu)
+            if len(classes[g]) < 2:
+                continue
+            k = len(multi)
+            multi.append(g)
+            for members in classes[g]:
+                r = samples[members[0]]
+                assert r is not None
+                tag = torch.full((r.shape[0], 1), k, dtype=r.dtype, device=device)
+                tagged.append(torch.cat([tag, r], dim=1))
+                for t in members[1:]:
+                    s = samples[t]
+                    assert s is not None
+                    mine.append(s.reshape(-1))
+                    theirs.append(r.reshape(-1))
+        if len(multi) == 0:
+            return unions, union_ids, True
+        everything = torch.cat(tagged)
+        order = lexsort(everything)
+        ordered = everything.index_select(0, order)
+        new = torch.ones(ordered.shape[0], dtype=torch.bool, device=device)
+        new[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
+        ids = torch.empty(ordered.shape[0], dtype=torch.int64, device=device).index_put_(
+            (order,), torch.cumsum(new, dim=0) - 1
+        )
+        counts = torch.zeros(len(multi), dtype=torch.int64, device=device).index_add_(
+            0, ordered[:, 0].to(torch.int64), new.to(torch.int64)
+        )
+        flags = [counts]
+        if len(mine) > 0:
+            flags.append((torch.cat(mine) != torch.cat(theirs)).sum().reshape(1))
+        read: List[int] = torch.cat(flags).tolist()
+        if len(mine) > 0 and read[-1] != 0:
+            # the same samples in another order (or a hash collision)
+            return unions, union_ids, False
+        total = sum(read[: len(multi)])
+        where = torch.nonzero_static(new, size=total)[:, 0]
+        distinct = ordered.index_select(0, where)[:, 1:]
+        start = 0
+        entry_start = 0
+        for k in range(len(multi)):
+            g = multi[k]
+            n = read[k]
+            unions[g] = distinct[start : start + n]
+            n_entries = 0
+            for members in classes[g]:
+                r = samples[members[0]]
+                assert r is not None
+                n_entries += r.shape[0]
+            union_ids[g] = ids[entry_start : entry_start + n_entries] - start
+            start += n
+            entry_start += n_entries
+        return unions, union_ids, True
+
+    def _exact_classes(
+        self, samples: List[Optional[torch.Tensor]], classes: List[List[List[int]]]
+    ) -> List[List[List[int]]]:
+        """Classes of blocks holding exactly the same samples, in the same order,
+        compared block by block (inputs whose blocks list one set of samples in
+        different orders)."""
+        exact: List[List[List[int]]] = []
+        for group in classes:
+            split: List[List[int]] = []
+            for members in group:
+                for t in members:
+                    s = samples[t]
+                    assert s is not None
+                    placed = False
+                    for c in range(len(split)):
+                        r = samples[split[c][0]]
+                        assert r is not None
+                        if r.shape == s.shape and torch.equal(r, s):
+                            split[c].append(t)
+                            placed = True
+                            break
+                    if not placed:
+                        split.append([t])
+            exact.append(split)
+        classes.clear()
+        for group in exact:
+            classes.append(group)
+        return classes
 
     def _remap(self, g: int, order: List[int]) -> torch.Tensor:
         """``[width + 1]``: for every column of group g's blocks side by side in
