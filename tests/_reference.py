@@ -28,7 +28,8 @@ def _keys(tensor: TensorMap) -> List[Dict[str, int]]:
 def reference_layout(template: TensorMap, row_keys: Optional[Sequence[str]] = None):
     names = template.keys.names
     if row_keys is None:
-        row_keys = ["center_type"] if "center_type" in names else []
+        defaults = ("center_type", "first_atom_type", "second_atom_type")
+        row_keys = [n for n in defaults if n in names]
     channel_keys = [n for n in names if n not in ("o3_lambda", "o3_sigma", *row_keys)]
     channels: Dict[Tuple[int, int], set] = {}
     for key, block in zip(_keys(template), template.blocks()):

@@ -631,14 +631,14 @@ def check_inverse_fault(conv, case: Fuzz, x: torch.Tensor, samples: Labels):
         check_round_trip(conv, case.template, case.tensor, case.row_keys, case.basis, x, samples)
 
 
-@given(case=fuzz_cases(), kernel=st.sampled_from(["torch", "fused"]))
+@given(case=fuzz_cases())
 @settings(
     deadline=None,
     max_examples=MAX_EXAMPLES,
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.shrink],
     suppress_health_check=list(HealthCheck),
 )
-def test_fuzz_metadata(case: Fuzz, kernel: str):
+def test_fuzz_metadata(case: Fuzz):
     # what was fuzzed, for --hypothesis-show-statistics
     for fault in case.template_faults + case.template_either:
         event("template: " + fault)
@@ -648,13 +648,11 @@ def test_fuzz_metadata(case: Fuzz, kernel: str):
         event("inverse: " + case.inverse_fault)
     if not (case.template_faults or case.input_faults or case.inverse_fault):
         event("valid")
-    event("kernel: " + kernel)
 
     template_either = bool(case.template_either)
     try:
         conv = TensorMapToIrreps(
-            case.template, basis=case.basis, layout=case.layout, row_keys=case.row_keys,
-            kernel=kernel,
+            case.template, basis=case.basis, layout=case.layout, row_keys=case.row_keys
         )
     except ValueError as error:
         assert case.template_faults or template_either, f"valid template rejected: {error}"
