@@ -4,21 +4,23 @@ training step around both, on real featomic output (float64).
 Cases: "small SOAP" (``SphericalExpansion`` of 8 periodic boxes of 64 Na/Cl/O atoms,
 cutoff 4 A, lmax 4, 4 radial functions: 45 blocks) and "LODE"
 (``LodeSphericalExpansion`` of 4 boxes of 32 Na/Cl atoms, lmax 3, 3 radial functions).
-Each time is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` blocks;
-every number is printed beside its baseline (featomic's forward, or the training
-step) as a share. The training step is featomic's forward (positions requiring grad),
+Each time is a median of ``torch.utils.benchmark.Timer.blocked_autorange`` blocks, in
+interleaved rounds (every variant once per round, the median over the rounds), so
+that drifts of a shared machine affect all alike; every number is printed beside its
+baseline (featomic's forward, or the training step) as a share. The training step is featomic's forward (positions requiring grad),
 the adapter, ``o3.Linear`` to 8x0e+8x1o, a ``FullyConnectedTensorProduct`` of that
 with itself to 4x0e, a per-system sum, and the backward of a scalar loss to the
 positions and the weights.
 
     python benchmarks/bench_adapters.py                   # both cases, 1 thread
-    python benchmarks/bench_adapters.py --threads 1 --min-time 0.5
+    python benchmarks/bench_adapters.py --threads 2 --min-time 1.5 --rounds 5
     python benchmarks/bench_adapters.py --old PATH        # also another copy of the
                                                           # package, kernel="fused"
 
 ``--old`` names the package directory of an older rascaline_e3nn whose
 ``TensorMapToIrreps`` takes ``kernel="fused"``; it is imported beside this one as
-``rascaline_e3nn_old`` and timed in the same run.
+``rascaline_e3nn_old`` and timed in the same run (its compiled kernel loaded from its
+cache, or built there, which takes minutes).
 """
 
 import argparse
