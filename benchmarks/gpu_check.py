@@ -289,10 +289,11 @@ def main():
         samples = maps["float32"].block(0).samples
         other = Labels(keys.names, keys.values.clone())
         row = samples.values[len(samples) // 2].clone()
+        entry = keys.entry(3)
         checks = {
             "keys device": str(keys.values.device),
             "keys == same values": raises_sync(device, lambda: keys == other),
-            "keys.position(entry)": raises_sync(device, lambda: keys.position(keys.entry(3))),
+            "keys.position(entry)": raises_sync(device, lambda: keys.position(entry)),
             "samples.position(tensor)": raises_sync(device, lambda: samples.position(row)),
         }
         for key, value in checks.items():
