@@ -1,7 +1,7 @@
 """``TensorMapToIrreps`` on a GPU: times beside a ``clone`` of the same bytes, and
 host synchronisations of one forward.
 
-1. A featomic-like map (16 systems x 125 atoms, 3 types, lmax 6, 8 radial functions;
+1. A featomic-like map (16 systems x 125 atoms (4 on the CPU), 3 types, lmax 6, 8 radial functions;
    float32 and float64) moved to the device: forward and forward+backward of the
    default module (``.to(device)``), eager and scripted, both bases, beside a
    ``clone`` (forward+backward: a clone and its backward) of the same bytes.
@@ -170,12 +170,16 @@ def main():
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--min-time", type=float, default=None,
                         help="seconds of timing per measure (0.2; 0.05 on the CPU)")
-    parser.add_argument("--systems", type=int, default=16)
+    parser.add_argument("--systems", type=int, default=None,
+                        help="systems of the featomic-like map (16; 4 on the CPU)")
     parser.add_argument("--atoms", type=int, default=125)
     args = parser.parse_args()
     device = args.device
+    on_gpu = device.startswith("cuda")
     if args.min_time is None:
-        args.min_time = 0.2 if device.startswith("cuda") else 0.05
+        args.min_time = 0.2 if on_gpu else 0.05
+    if args.systems is None:
+        args.systems = 16 if on_gpu else 4
 
     info = {
         "device": device,
