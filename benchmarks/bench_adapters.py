@@ -24,6 +24,7 @@ cache, or built there, which takes minutes).
 """
 
 import argparse
+import atexit
 import os
 import platform
 import shutil
@@ -200,6 +201,7 @@ def load_old(path: str):
     """The package at ``path``, imported as ``rascaline_e3nn_old``; its compiled
     kernel is taken from its cache when built there already."""
     root = tempfile.mkdtemp(prefix="rascaline_e3nn_old_")
+    atexit.register(shutil.rmtree, root, ignore_errors=True)
     shutil.copytree(path, os.path.join(root, "rascaline_e3nn_old"))
     sys.path.insert(0, root)
     import rascaline_e3nn_old as old
