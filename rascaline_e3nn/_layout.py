@@ -185,6 +185,8 @@ class Layout:
             block = template.block_by_id(index)
             l, s = key[col["o3_lambda"]], key[col["o3_sigma"]]
             described = ", ".join(f"{n}={v}" for n, v in zip(key_names, key))
+            if any(r[0] == key for r in raw):  # keys built with assume_unique=True
+                raise ValueError(f"the template has the key ({described}) twice")
             try:
                 p = parity(l, s)
             except ValueError as e:
