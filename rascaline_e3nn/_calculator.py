@@ -58,11 +58,12 @@ def template_from_calculator(calculator, atom_types: Sequence[int]) -> TensorMap
     keys: List[List[int]] = []
     blocks: List[TensorBlock] = []
     samples = Labels(["system", "atom"], torch.zeros((0, 2), dtype=torch.int32))
-    for l, n_radial in sizes.items():
-        components = [Labels(["o3_mu"], torch.arange(-l, l + 1).reshape(-1, 1))]
-        properties = Labels(["n"], torch.arange(n_radial).reshape(-1, 1))
-        for center in types:
-            for neighbor in types:
+    # featomic's key order: center type, neighbour type, then o3_lambda
+    for center in types:
+        for neighbor in types:
+            for l, n_radial in sizes.items():
+                components = [Labels(["o3_mu"], torch.arange(-l, l + 1).reshape(-1, 1))]
+                properties = Labels(["n"], torch.arange(n_radial).reshape(-1, 1))
                 keys.append([l, 1, center, neighbor])
                 blocks.append(
                     TensorBlock(

@@ -131,3 +131,17 @@ def test_unchecked_equals_checked_equals_reference(basis):
         x = module(tensor)
         torch.testing.assert_close(x, expected, rtol=0, atol=1e-14)
         assert [tuple(r) for r in module.samples(tensor).values.tolist()] == rows
+
+
+def test_unchecked_full_key_set_in_another_order_fails_loudly():
+    """check=False and every template key present: the keys are taken in the
+    template's order, which an asynchronous device assertion verifies (no host read
+    on a GPU); check=True matches them by value."""
+    tensor = with_holes()
+    blocks = [b.copy() for b in tensor.blocks()][::-1]
+    reordered = TensorMap(Labels(tensor.keys.names, tensor.keys.values.flip(0)), blocks)
+    expected = TensorMapToIrreps(tensor)(tensor)
+    assert torch.equal(TensorMapToIrreps(tensor)(reordered), expected)
+    assert torch.equal(TensorMapToIrreps(tensor, check=False)(tensor), expected)
+    with pytest.raises(RuntimeError, match="template's keys"):
+        TensorMapToIrreps(tensor, check=False)(reordered)
