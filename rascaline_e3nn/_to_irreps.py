@@ -49,8 +49,7 @@ class _ReadTensorMap(torch.nn.Module):
         self._dim = plan.dim
         self._key_names = list(plan.key_names)
         self._keys = [list(b.key) for b in plan.blocks]
-        self._template_keys = plan.keys()
-        self.register_buffer("_key_values", self._template_keys.values.clone(), persistent=False)
+        self.register_buffer("_key_values", plan.keys().values.clone(), persistent=False)
         self._sample_names = list(plan.sample_names)
         self._row_key_names = list(plan.row_key_names)
         self._property_names = list(plan.property_names)
@@ -86,20 +85,19 @@ class _ReadTensorMap(torch.nn.Module):
 
     # ------------------------------------------------------------------ keys
 
-    def _match_keys(self, keys: Labels) -> List[int]:
-        """For every template block, its index in the input (-1: absent)."""
+    def _match_keys(self, keys: Labels) -> Tuple[List[int], Optional[torch.Tensor]]:
+        """For every template block, its index in the input (-1: absent); with
+        ``check=False`` and every key present, a flag that the keys differ."""
         n_slots = len(self._keys)
         if keys.names == self._key_names and len(keys) == n_slots:
             if not self._check:
-                # a trusted producer's batch with every key: the template's keys in
-                # the template's order, asserted on the device without a host read
-                same = (keys.values == self._key_values).all()
-                torch._assert_async(
-                    same, "the input keys are not the template's keys in its order"
-                )
-                return list(range(n_slots))
-            if keys == self._template_keys:
-                return list(range(n_slots))
+                # a trusted producer's batch with every key: taken in the template's
+                # order without a host read; the flag poisons the row order if not
+                different = (keys.values != self._key_values).any()
+                return list(range(n_slots)), different
+            # the one read of the keys (Labels == ignores the order of the entries)
+            if torch.equal(keys.values, self._key_values):
+                return list(range(n_slots)), None
         names = keys.names
         if sorted(names) != sorted(self._key_names):
             raise ValueError(
@@ -128,7 +126,7 @@ class _ReadTensorMap(torch.nn.Module):
                     + " appears twice in the input keys"
                 )
             slots[t] = i
-        return slots
+        return slots, None
 
     def _name(self, t: int) -> str:
         return "block " + describe(self._key_names, self._keys[t])
@@ -686,7 +684,7 @@ class _ReadTensorMap(torch.nn.Module):
     def read(
         self, tensor: TensorMap, wanted: Optional[Labels]
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
-        slots = self._match_keys(tensor.keys)
+        slots, different_keys = self._match_keys(tensor.keys)
         values, samples, actual, expected, reshaped = self._values(tensor, slots)
         classes, different = self._classes(values, samples, actual, expected)
         if different:
@@ -703,6 +701,10 @@ class _ReadTensorMap(torch.nn.Module):
             # the row of zeros for the entries the tensor does not have
             groups.append(torch.zeros((1, 1), dtype=groups[0].dtype, device=groups[0].device))
             columns.append(torch.zeros(self._dim, dtype=torch.int64, device=groups[0].device))
+        if different_keys is not None:
+            # keys other than the template's (check=False): every row index out of
+            # range, so that the row gather fails instead of mixing blocks up
+            order = order + different_keys.to(torch.int64) * 4611686018427387904
         return groups, columns, order, rows
 
     @torch.jit.export

@@ -61,8 +61,11 @@ def test_operations_do_not_grow_with_blocks(basis, check):
             m(tensor)
             ops = top_level_ops(lambda: m(tensor))
             assert len(ops) <= 60, (n_types, name, sorted(ops))
-            # the shared-samples case needs no host read beyond the verdict's tolist
-            assert not [op for op in ops if op in HOST_READS], (n_types, name, ops)
+            # host reads: the keys (torch.equal with the template's, with check=True)
+            # and the verdict of every check (a .tolist(), which the profiler does
+            # not show on the CPU): at most 2 when the blocks of a group share samples
+            reads = [op for op in ops if op in HOST_READS]
+            assert len(reads) <= (1 if check else 0), (n_types, name, reads)
             counts[(n_types, name)] = len(ops)
     for name in ("eager", "scripted"):
         assert len(tensor.keys) == 175 and counts[(5, name)] - counts[(3, name)] <= 10
