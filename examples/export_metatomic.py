@@ -21,6 +21,7 @@ same architecture, for a quick test of the engines).
 """
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from typing import Dict, List, Optional
 
 import featomic.torch
 import torch
+from e3nn.util.jit import compile as e3nn_compile
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import (
     AtomisticModel,
@@ -161,15 +163,43 @@ def has_lode(model: torch.nn.Module) -> bool:
     )
 
 
-def load_trained(run: str) -> torch.nn.Module:
+def load_trained(run: str):
     """Rebuild the model of ``run/model_config.json`` in Python and load the weights of
-    ``run/model.pt`` into it, checking that both give the same energies."""
+    ``run/model.pt`` into it; returns the model, the scripted one and the config."""
     with open(os.path.join(run, "model_config.json")) as file:
         config = json.load(file)
     scripted = torch.jit.load(os.path.join(run, "model.pt"))
     model = build_model(**config)
-    model.load_state_dict(scripted.state_dict())
+    state = scripted.state_dict()
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # a scripted module lists its non-persistent buffers (the adapters' index tables,
+    # planned from the hyper-parameters) in its state_dict: they must equal ours
+    buffers = dict(model.named_buffers())
+    for name in unexpected:
+        if name not in buffers or not torch.equal(buffers[name], state[name]):
+            raise ValueError(f"{run}/model.pt does not match model_config.json: {name}")
+    if len(missing) != 0:
+        raise ValueError(f"{run}/model.pt lacks {missing}")
     return model, scripted, config
+
+
+def nacl(repeat: int = 1, rattle: float = 0.1, seed: int = 0) -> System:
+    """Rock-salt NaCl (a = 5.64 Å, cubic cell of 8 atoms, repeated), atoms displaced."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.tensor(
+        [[0, 0, 0], [0, 1, 1], [1, 0, 1], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]],
+        dtype=torch.float64,
+    ) * (5.64 / 2)
+    types = [11] * 4 + [17] * 4
+    shifts = torch.cartesian_prod(*[torch.arange(repeat, dtype=torch.float64)] * 3) * 5.64
+    positions = (shifts[:, None, :] + base[None]).reshape(-1, 3)
+    positions += rattle * torch.randn(positions.shape, generator=generator, dtype=torch.float64)
+    return System(
+        types=torch.tensor(types * len(shifts)),
+        positions=positions,
+        cell=torch.eye(3, dtype=torch.float64) * 5.64 * repeat,
+        pbc=torch.tensor([True, True, True]),
+    )
 
 
 def export(
@@ -221,7 +251,11 @@ def export(
         supported_devices=["cpu"],
         dtype="float64",
     )
-    module = MetatomicEnergy(model, cell_gradients=not lode).eval()
+    # e3nn's layers are compiled their own way (traced or scripted) before TorchScript
+    # scripts the whole model; the featomic calculator stays a Python module, so that
+    # metatomic finds the neighbour lists it requests
+    compiled = e3nn_compile(copy.deepcopy(model))
+    module = MetatomicEnergy(compiled, cell_gradients=not lode).eval()
     atomistic = AtomisticModel(module, metadata, capabilities)
     atomistic.save(output, collect_extensions=extensions)
     return atomistic
@@ -268,10 +302,23 @@ def main():
             "rascaline-e3nn TensorMapToIrreps, e3nn layers"
         )
         print(f"model of {args.run}: {config}")
+        system = nacl()
+        difference = (model([system]) - scripted([system])).abs().max().item()
+        print(f"rebuilt model vs {args.run}/model.pt on rattled NaCl: |dE| = {difference:.1e} eV")
+        if difference > 1e-10:
+            raise ValueError("the rebuilt model does not reproduce the saved one")
 
     atomistic = export(model, atom_types, args.output, description, args.extensions)
-    print(f"saved {args.output}")
-    print(atomistic.capabilities())
+    capabilities = atomistic.capabilities()
+    print(f"saved {args.output} (TorchScript extensions in {args.extensions}/)")
+    print(
+        f"  outputs {list(capabilities.outputs.keys())} in "
+        f"{capabilities.outputs['energy'].unit}, atomic types {capabilities.atomic_types}, "
+        f"interaction range {capabilities.interaction_range} {capabilities.length_unit}, "
+        f"devices {capabilities.supported_devices}, {capabilities.dtype}"
+    )
+    if has_lode(model):
+        print("  stress and virial: NaN, with a warning (LODE has no cell gradients)")
 
 
 if __name__ == "__main__":
