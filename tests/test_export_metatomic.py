@@ -152,6 +152,10 @@ def test_ase_energy_forces_against_finite_differences(exported):
     )
     assert abs(energy - model([system]).item()) < 1e-12 * max(1.0, abs(energy))
     assert np.isfinite(forces).all() and np.abs(forces).max() > 1e-3
+    per_atom = atoms.get_potential_energies()
+    np.testing.assert_allclose(per_atom, model.atomic_energies([system]).detach().numpy(),
+                               rtol=0, atol=1e-12)
+    assert abs(per_atom.sum() - energy) < 1e-12 * max(1.0, abs(energy))
 
     h = 1e-4
     reference = atoms.copy()
