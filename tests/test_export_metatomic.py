@@ -28,6 +28,7 @@ from metatomic_ase import MetatomicCalculator
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from export_metatomic import STRESS_MESSAGE, MetatomicEnergy, export, nacl  # noqa: E402
 from lode_model import build_model  # noqa: E402
+from _systems import DEVICES  # noqa: E402
 
 STRESS_WARNING = "cannot compute the stress or virial"
 
@@ -245,3 +246,30 @@ def test_stress_is_nan_with_a_warning_never_a_number(exported):
         warnings.simplefilter("always")
         loaded([system], options, check_consistency=False)
     assert not [w for w in record if STRESS_WARNING in str(w.message)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+# featomic-torch computes on the CPU and says so when the systems are elsewhere
+@pytest.mark.filterwarnings("ignore:.*calculations on CPU.*:UserWarning")
+def test_engine_moves_the_model(exported, device):
+    """What metatomic-ase does: ``model.to(device=...)`` on the loaded file, then
+    float64 systems on that device; same energy and forces as the in-process model."""
+    model, path, extensions = exported
+    loaded = load_atomistic_model(path, extensions_directory=extensions).to(device=device)
+    reference = nacl(rattle=0.2, seed=9)
+    positions = reference.positions.clone().requires_grad_(True)
+    expected = model([System(types=reference.types, positions=positions,
+                             cell=reference.cell, pbc=reference.pbc)])
+    (expected_forces,) = torch.autograd.grad(-expected.sum(), positions)
+
+    positions = reference.positions.to(device).requires_grad_(True)
+    system = System(types=reference.types.to(device), positions=positions,
+                    cell=reference.cell.to(device), pbc=reference.pbc.to(device))
+    options = ModelEvaluationOptions(length_unit="angstrom",
+                                     outputs={"energy": ModelOutput(unit="eV", sample_kind="atom")})
+    block = loaded([system], options, check_consistency=True)["energy"].block()
+    assert block.values.device.type == device and block.samples.device.type == device
+    energy = block.values.sum()
+    (forces,) = torch.autograd.grad(-energy, positions)
+    assert abs(energy.item() - expected.item()) < 1e-12 * max(1.0, abs(expected.item()))
+    torch.testing.assert_close(forces.cpu(), expected_forces, rtol=0, atol=1e-12)
