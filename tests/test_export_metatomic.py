@@ -273,3 +273,37 @@ def test_engine_moves_the_model(exported, device):
     (forces,) = torch.autograd.grad(-energy, positions)
     assert abs(energy.item() - expected.item()) < 1e-12 * max(1.0, abs(expected.item()))
     torch.testing.assert_close(forces.cpu(), expected_forces, rtol=0, atol=1e-12)
+
+
+def test_short_range_model_has_the_exact_stress(tmp_path):
+    """A model on featomic's SphericalExpansion (which differentiates the cell) keeps
+    the engine's cell: its stress is the strain derivative of the energy."""
+    model = build_model("soap", [11, 17], hypers={"cutoff": 3.5, "max_angular": 1,
+                                                  "max_radial": 1}, hidden=4, mul=2)
+    with torch.no_grad():
+        model.energy_scale.fill_(20.0)
+    path, extensions = str(tmp_path / "soap.pt"), str(tmp_path / "extensions")
+    atomistic = export(model.eval(), [11, 17], path, "tiny untrained SOAP model", extensions)
+    assert atomistic.capabilities().interaction_range == 3.5
+
+    atoms = crystal(seed=10)
+    atoms.calc = MetatomicCalculator(path, extensions_directory=extensions)
+    stress = atoms.get_stress(voigt=False)  # no warning: the stress is available
+    assert np.abs(stress).max() > 1e-4
+
+    h = 1e-5
+    numerical = np.zeros((3, 3))
+    fresh = MetatomicCalculator(path, extensions_directory=extensions,
+                                do_gradients_with_energy=False)
+    for i, j in [(0, 0), (1, 1), (0, 1), (1, 2)]:
+        shifted = []
+        for sign in (1, -1):
+            strain = np.eye(3)
+            strain[i, j] += sign * h / 2
+            strain[j, i] += sign * h / 2
+            deformed = atoms.copy()
+            deformed.set_cell(atoms.cell.array @ strain, scale_atoms=True)
+            deformed.calc = fresh
+            shifted.append(deformed.get_potential_energy())
+        numerical[i, j] = (shifted[0] - shifted[1]) / (2 * h) / atoms.get_volume()
+        assert abs(stress[i, j] - numerical[i, j]) < 1e-6, (i, j)
