@@ -26,8 +26,8 @@ from metatomic.torch import (
 from metatomic_ase import MetatomicCalculator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from export_metatomic import STRESS_MESSAGE, MetatomicEnergy, export, nacl  # noqa: E402
-from lode_model import build_model  # noqa: E402
+from export_metatomic import STRESS_MESSAGE, MetatomicEnergy, export, load_trained, nacl  # noqa: E402
+from lode_model import build_model, model_config, save_model  # noqa: E402
 from _systems import DEVICES  # noqa: E402
 
 STRESS_WARNING = "cannot compute the stress or virial"
@@ -111,6 +111,23 @@ print(json.dumps({"energy": energy.item(), "name": metadata.name,
         assert name in references
 
 
+def test_load_trained_rebuilds_the_saved_model(exported, tmp_path):
+    model, _, _ = exported
+    hypers = {"max_angular": 1, "max_radial": 1}
+    save_model(model, model_config("lode", [11, 17], hypers, hidden=4, mul=2), str(tmp_path))
+    rebuilt, scripted, config = load_trained(str(tmp_path))
+    assert config["atom_types"] == [11, 17]
+    system = nacl(rattle=0.2, seed=11)
+    assert torch.equal(rebuilt([system]), model([system]))
+
+    # a config that does not describe model.pt is refused
+    with open(tmp_path / "model_config.json", "w") as file:
+        json.dump(model_config("lode", [11, 17], {"max_angular": 1, "max_radial": 2},
+                               hidden=4, mul=2), file)
+    with pytest.raises((ValueError, RuntimeError)):
+        load_trained(str(tmp_path))
+
+
 def test_check_atomistic_model(exported):
     check_atomistic_model(exported[1])
 
@@ -138,6 +155,17 @@ def test_energies_per_atom_and_selected_atoms(exported):
     torch.testing.assert_close(totals.values.reshape(-1), torch.stack([chosen[0], chosen[1:].sum()]),
                                rtol=0, atol=1e-14)
     assert module(systems, {}) == {}
+
+    # the same through the saved file, with metatomic's consistency checks
+    _, path, extensions = exported
+    loaded = load_atomistic_model(path, extensions_directory=extensions)
+    for sample_kind, expected_values in (("atom", chosen), ("system", totals.values.reshape(-1))):
+        options = ModelEvaluationOptions(
+            length_unit="angstrom", selected_atoms=selected,
+            outputs={"energy": ModelOutput(unit="eV", sample_kind=sample_kind)},
+        )
+        values = loaded(systems, options, check_consistency=True)["energy"].block().values
+        torch.testing.assert_close(values.reshape(-1), expected_values, rtol=0, atol=1e-12)
 
 
 def test_ase_energy_forces_against_finite_differences(exported):
