@@ -26,28 +26,43 @@ from metatomic.torch import (
 from metatomic_ase import MetatomicCalculator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from export_metatomic import STRESS_MESSAGE, MetatomicEnergy, export, load_trained, nacl  # noqa: E402
+from export_metatomic import STRESS_MESSAGE, MetatomicEnergy, load_trained, nacl  # noqa: E402
 from lode_model import build_model, model_config, save_model  # noqa: E402
 from _systems import DEVICES  # noqa: E402
 
 STRESS_WARNING = "cannot compute the stress or virial"
 
 
-@pytest.fixture(scope="module")
-def exported(tmp_path_factory):
-    """A tiny untrained LODE model (lmax 1, 2 radial functions), its energies made
-    larger than initialisation's so that forces and MD are not trivially small, and
-    its export (model file, extensions directory)."""
+EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
+
+
+def export_run(directory, kind, hypers):
+    """Save a tiny untrained model as a training run would (``model.pt``,
+    ``model_config.json``; energies made larger than initialisation's so that forces,
+    stress and MD are not trivially small), export it with ``export_metatomic.py --run``
+    in a fresh process (metatomic collects every TorchScript extension loaded in the
+    exporting process, and other tests load the fused kernel's), and return the
+    rebuilt model, the exported file and its extensions directory."""
     torch.manual_seed(0)
-    model = build_model("lode", [11, 17], hypers={"max_angular": 1, "max_radial": 1},
-                        hidden=4, mul=2)
+    config = model_config(kind, [11, 17], hypers, hidden=4, mul=2)
+    model = build_model(**config)
     with torch.no_grad():
         model.energy_scale.fill_(20.0)
-    directory = tmp_path_factory.mktemp("export")
-    path = str(directory / "model.pt")
-    extensions = str(directory / "extensions")
-    export(model.eval(), [11, 17], path, "tiny untrained test model", extensions)
-    return model, path, extensions
+    save_model(model, config, str(directory))
+    path, extensions = str(directory / "exported.pt"), str(directory / "extensions")
+    subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "export_metatomic.py"), "--run",
+         str(directory), "--output", path, "--extensions", extensions],
+        check=True, capture_output=True,
+    )
+    return load_trained(str(directory))[0], path, extensions
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny untrained LODE model (lmax 1, 2 radial functions) and its export."""
+    return export_run(tmp_path_factory.mktemp("lode"), "lode",
+                      {"max_angular": 1, "max_radial": 1})
 
 
 def crystal(seed=0, rattle=0.1):
@@ -306,13 +321,9 @@ def test_engine_moves_the_model(exported, device):
 def test_short_range_model_has_the_exact_stress(tmp_path):
     """A model on featomic's SphericalExpansion (which differentiates the cell) keeps
     the engine's cell: its stress is the strain derivative of the energy."""
-    model = build_model("soap", [11, 17], hypers={"cutoff": 3.5, "max_angular": 1,
-                                                  "max_radial": 1}, hidden=4, mul=2)
-    with torch.no_grad():
-        model.energy_scale.fill_(20.0)
-    path, extensions = str(tmp_path / "soap.pt"), str(tmp_path / "extensions")
-    atomistic = export(model.eval(), [11, 17], path, "tiny untrained SOAP model", extensions)
-    assert atomistic.capabilities().interaction_range == 3.5
+    _, path, extensions = export_run(tmp_path, "soap",
+                                     {"cutoff": 3.5, "max_angular": 1, "max_radial": 1})
+    assert load_atomistic_model(path, extensions).capabilities().interaction_range == 3.5
 
     atoms = crystal(seed=10)
     atoms.calc = MetatomicCalculator(path, extensions_directory=extensions)
