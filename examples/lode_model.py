@@ -108,6 +108,21 @@ class E3nnHead(torch.nn.Module):
             torch.nn.SiLU(), torch.nn.Linear(hidden, hidden), torch.nn.SiLU(),
             torch.nn.Linear(hidden, n_species),
         )
+        # the non-linear path starts at zero: an untrained head is the linear path alone
+        torch.nn.init.zeros_(self.mlp[-1].weight)
+        torch.nn.init.zeros_(self.mlp[-1].bias)
+        if irreps_in[0].ir != o3.Irrep("0e"):
+            raise ValueError(f"the input irreps must start with scalars, got {irreps_in}")
+        self.n_scalars = irreps_in[0].mul
+
+    @torch.jit.unused
+    def set_linear(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Set the linear path to ``y[species] = x[:, :n_scalars] @ weight[:, species] +
+        bias[species]`` (``weight``: ``[n_scalars, n_species]``), undoing e3nn's
+        ``1 / sqrt(fan_in)`` normalisation."""
+        with torch.no_grad():
+            self.linear.weight.copy_((weight * self.n_scalars**0.5).reshape(-1))
+            self.linear.bias.copy_(bias)
 
     def forward(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
         g = self.gate(self.pre(x))
@@ -119,9 +134,13 @@ class EnergyModel(torch.nn.Module):
     """Energies (eV) of a list of systems: featomic calculator -> ``TensorMapToIrreps``
     -> ``E3nnHead`` -> per-atom energies, summed per system.
 
-    The features are multiplied by ``feature_scale`` (one factor per channel, constant
-    over m: equivariant) and the head's output by ``energy_scale``; both are buffers, set
-    from training data with ``set_normalisation``.
+    The features are whitened by ``feature_transform`` (within each irrep ``mul x ir``,
+    a ``mul x mul`` matrix acting on the channels, the same for every m: equivariant),
+    and the head's output multiplied by ``energy_scale`` and shifted by
+    ``energy_shift``; all three are buffers, set from training data with
+    ``set_normalisation`` (identity, 1 and 0 until then). Whitening matters: the radial
+    channels of a smooth potential are strongly correlated, and gradient descent on
+    raw features fits the linear part far less precisely than least squares does.
     """
 
     def __init__(self, calculator: torch.nn.Module, to_irreps: TensorMapToIrreps,
@@ -136,30 +155,67 @@ class EnergyModel(torch.nn.Module):
             index[t] = i
         self.register_buffer("species_index", index)
         dim = to_irreps.irreps_out.dim
-        self.register_buffer("feature_scale", torch.ones(dim, dtype=torch.float64))
+        self.register_buffer("feature_transform", torch.eye(dim, dtype=torch.float64))
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
+        self.register_buffer("energy_shift", torch.zeros((), dtype=torch.float64))
 
     @torch.jit.unused
-    def set_normalisation(self, x: torch.Tensor, energy_scale: float) -> None:
-        """Scale each channel of the irreps tensor ``x`` (``[n_atoms, dim]``, training
-        data) to unit RMS, and the head's output by ``energy_scale`` (eV per atom)."""
+    def set_normalisation(self, x: torch.Tensor, energy_scale: float,
+                          energy_shift: float = 0.0) -> None:
+        """Whiten the channels of each irrep of ``x`` (``[n_atoms, dim]``, training
+        data: second moments over atoms and m, regularised by ``1e-8`` of their trace),
+        scale the head's output by ``energy_scale`` and shift it by ``energy_shift``
+        (eV per atom)."""
         irreps = self.to_irreps.irreps_out
-        scale = torch.ones(irreps.dim, dtype=torch.float64)
+        transform = torch.zeros((irreps.dim, irreps.dim), dtype=torch.float64)
         for sl, (mul, ir) in zip(irreps.slices(), irreps):
-            seg = x[:, sl].reshape(-1, mul, ir.dim)
-            rms = seg.pow(2).mean(dim=(0, 2)).sqrt().clamp_min(1e-12)
-            scale[sl] = (1.0 / rms).repeat_interleave(ir.dim)
-        self.feature_scale.copy_(scale)
+            seg = x[:, sl].detach().to(torch.float64).reshape(-1, mul, ir.dim)
+            moments = torch.einsum("nim,njm->ij", seg, seg) / (seg.shape[0] * ir.dim)
+            moments += 1e-8 * moments.trace() / mul * torch.eye(mul, dtype=torch.float64)
+            values, vectors = torch.linalg.eigh(moments)
+            whiten = vectors @ torch.diag(values.clamp_min(1e-300).rsqrt()) @ vectors.T
+            # mul_ir layout: channel i, component m at i * (2l + 1) + m
+            eye = torch.eye(ir.dim, dtype=torch.float64)
+            transform[sl, sl] = torch.kron(whiten, eye).T
+        self.feature_transform.copy_(transform)
         self.energy_scale.fill_(float(energy_scale))
+        self.energy_shift.fill_(float(energy_shift))
+
+    @torch.jit.unused
+    def fit_linear_path(self, x: torch.Tensor, species: torch.Tensor, system: torch.Tensor,
+                        energies: torch.Tensor) -> None:
+        """Least-squares fit of the head's linear path (scalars of each species, with a
+        per-species bias) to the energies ``[n_systems]`` of training structures, from
+        the adapter's output ``x`` and the species index and system index of its rows;
+        call after ``set_normalisation``. The e3nn layers then train from there."""
+        n_systems, n_species = len(energies), len(self.atom_types)
+        n_scalars = self.head.n_scalars
+        x0 = (x.detach().to(torch.float64) @ self.feature_transform)[:, :n_scalars]
+        design = torch.zeros((n_systems, n_species, n_scalars + 1), dtype=torch.float64)
+        ones = torch.ones((len(x0), 1), dtype=torch.float64)
+        design.index_put_((system, species), torch.cat([x0, ones], dim=1), accumulate=True)
+        counts = torch.zeros(n_systems, dtype=torch.float64).index_add_(
+            0, system, ones.reshape(-1))
+        target = (energies.to(torch.float64) - counts * self.energy_shift) / self.energy_scale
+        solution = torch.linalg.lstsq(design.reshape(n_systems, -1), target[:, None],
+                                      rcond=1e-10, driver="gelsd").solution
+        solution = solution.reshape(n_species, n_scalars + 1)
+        self.head.set_linear(solution[:, :n_scalars].T.contiguous(), solution[:, -1])
 
     def row_energies(self, features: TensorMap) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Per-row energies of a featomic ``TensorMap`` (computed beforehand) and the
         ``system`` and ``atom`` column of each row."""
         x, samples = self.to_irreps.forward_with_samples(features)
         species = self.species_index[samples.column("center_type").to(torch.long)]
-        x = x * self.feature_scale.to(x.dtype)
-        energies = self.head(x, species) * self.energy_scale.to(x.dtype)
+        energies = self.energies_from_irreps(x, species)
         return energies, samples.column("system"), samples.column("atom")
+
+    def energies_from_irreps(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
+        """Per-row energies from the adapter's output ``x`` and the species index
+        (position in ``atom_types``) of each row."""
+        x = x @ self.feature_transform.to(x.dtype)
+        energies = self.head(x, species)
+        return energies * self.energy_scale.to(x.dtype) + self.energy_shift.to(x.dtype)
 
     def energies_from_features(self, features: TensorMap, n_systems: int,
                                system_map: Optional[torch.Tensor] = None) -> torch.Tensor:
