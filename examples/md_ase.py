@@ -49,7 +49,8 @@ def main():
     # Maxwell-Boltzmann momenta, no net momentum
     rng = np.random.default_rng(args.seed)
     masses = atoms.get_masses()[:, None]
-    atoms.set_momenta(rng.normal(size=(len(atoms), 3)) * np.sqrt(masses * units.kB * args.temperature))
+    momenta = rng.normal(size=(len(atoms), 3)) * np.sqrt(masses * units.kB * args.temperature)
+    atoms.set_momenta(momenta)
     Stationary(atoms)
     n_atoms = len(atoms)
     print(
@@ -91,7 +92,8 @@ def main():
     )
     print(f"final temperature: {atoms.get_temperature():.0f} K")
     if stress is not None:
-        print(f"stress from the calculator (Voigt, eV/Å^3): {np.array2string(stress, precision=3)}")
+        stress = np.array2string(stress, precision=3)
+        print(f"stress from the calculator (Voigt, eV/Å^3): {stress}")
 
 
 if __name__ == "__main__":

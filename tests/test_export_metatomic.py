@@ -26,27 +26,34 @@ from metatomic.torch import (
 from metatomic_ase import MetatomicCalculator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
-from export_metatomic import STRESS_MESSAGE, MetatomicEnergy, load_trained, nacl  # noqa: E402
+from export_metatomic import (  # noqa: E402
+    STRESS_MESSAGE,
+    MetatomicEnergy,
+    load_trained,
+    nacl,
+)
 from lode_model import build_model, model_config, save_model  # noqa: E402
 from _systems import DEVICES  # noqa: E402
 
 STRESS_WARNING = "cannot compute the stress or virial"
-
-
 EXAMPLES = os.path.join(os.path.dirname(__file__), "..", "examples")
 
 
 def export_run(directory, kind, hypers):
     """Save a tiny untrained model as a training run would (``model.pt``,
-    ``model_config.json``; energies made larger than initialisation's so that forces,
-    stress and MD are not trivially small), export it with ``export_metatomic.py --run``
-    in a fresh process (metatomic collects every TorchScript extension loaded in the
-    exporting process, and other tests load the fused kernel's), and return the
-    rebuilt model, the exported file and its extensions directory."""
+    ``model_config.json``; random weights on every path, energies made larger than
+    initialisation's so that forces, stress and MD are not trivially small), export it
+    with ``export_metatomic.py --run`` in a fresh process (metatomic collects every
+    TorchScript extension loaded in the exporting process, and other tests load the
+    fused kernel's), and return the rebuilt model, the exported file and its
+    extensions directory."""
     torch.manual_seed(0)
     config = model_config(kind, [11, 17], hypers, hidden=4, mul=2)
     model = build_model(**config)
     with torch.no_grad():
+        # every path contributes (an untrained head starts its non-linear one at zero)
+        for parameter in model.parameters():
+            parameter.add_(0.3 * torch.randn_like(parameter))
         model.energy_scale.fill_(20.0)
     save_model(model, config, str(directory))
     path, extensions = str(directory / "exported.pt"), str(directory / "extensions")
@@ -156,7 +163,8 @@ def test_energies_per_atom_and_selected_atoms(exported):
     per_atom = module(systems, {"energy": ModelOutput(unit="eV", sample_kind="atom")})
     block = per_atom["energy"].block()
     assert block.samples.names == ["system", "atom"]
-    assert torch.equal(block.samples.values[:, 0], torch.tensor([0] * 8 + [1] * 8, dtype=torch.int32))
+    system_column = torch.tensor([0] * 8 + [1] * 8, dtype=torch.int32)
+    assert torch.equal(block.samples.values[:, 0], system_column)
     assert torch.equal(block.samples.values[:, 1], torch.arange(8, dtype=torch.int32).repeat(2))
     torch.testing.assert_close(block.values.reshape(-1), expected, rtol=0, atol=1e-14)
 
@@ -167,8 +175,8 @@ def test_energies_per_atom_and_selected_atoms(exported):
     torch.testing.assert_close(per_atom["energy"].block().values.reshape(-1), chosen,
                                rtol=0, atol=1e-14)
     totals = module(systems, {"energy": ModelOutput(unit="eV")}, selected)["energy"].block()
-    torch.testing.assert_close(totals.values.reshape(-1), torch.stack([chosen[0], chosen[1:].sum()]),
-                               rtol=0, atol=1e-14)
+    expected_totals = torch.stack([chosen[0], chosen[1:].sum()])
+    torch.testing.assert_close(totals.values.reshape(-1), expected_totals, rtol=0, atol=1e-14)
     assert module(systems, {}) == {}
 
     # the same through the saved file, with metatomic's consistency checks
