@@ -59,8 +59,8 @@ class MetatomicEnergy(torch.nn.Module):
     """An energy model (``atomic_energies(systems) -> [total atoms]``, eV) with the
     metatomic model interface: ``forward(systems, outputs, selected_atoms)``.
 
-    With ``cell_gradients=False`` (models with a LODE calculator), periodic systems
-    whose cell requires grad reach the model with a detached cell, and their energy
+    With ``cell_gradients=False`` (models with a LODE calculator), systems whose cell
+    requires grad reach the model with a detached cell; the energy of periodic ones
     gains ``sqrt((cell - cell.detach())**2).sum()``: zero in value, NaN in its gradient
     with respect to the cell.
     """
@@ -101,15 +101,14 @@ class MetatomicEnergy(torch.nn.Module):
         model_systems: List[System] = []
         for system in systems:
             term = torch.zeros((), dtype=system.positions.dtype, device=device)
-            if (
-                not self.cell_gradients
-                and system.cell.requires_grad
-                and bool(system.pbc.any())
-            ):
-                if not self.warned:
-                    warnings.warn(self.stress_message)
-                    self.warned = True
-                term = torch.sqrt((system.cell - system.cell.detach()) ** 2).sum()
+            if not self.cell_gradients and system.cell.requires_grad:
+                if bool(system.pbc.any()):
+                    if not self.warned:
+                        warnings.warn(self.stress_message)
+                        self.warned = True
+                    term = torch.sqrt((system.cell - system.cell.detach()) ** 2).sum()
+                # a non-periodic system goes on to featomic, whose error names the
+                # reason ("LODE can only be used with periodic systems")
                 system = self._without_cell_gradients(system)
             cell_terms.append(term)
             model_systems.append(system)

@@ -223,6 +223,13 @@ def test_ase_energy_forces_against_finite_differences(exported):
         assert abs(forces[atom, direction] - numerical) < 1e-7, (atom, direction)
 
 
+def test_non_periodic_systems_are_refused_with_featomic_reason(exported):
+    atoms = ase.Atoms("NaCl", positions=[[0, 0, 0], [2.5, 0, 0]])
+    atoms.calc = calculator(exported)
+    with pytest.raises(RuntimeError, match="LODE can only be used with periodic systems"):
+        atoms.get_potential_energy()
+
+
 @pytest.mark.parametrize("improper", [False, True])
 def test_ase_rotations(exported, float64_default, improper):
     atoms = crystal(seed=5)
