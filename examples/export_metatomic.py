@@ -4,7 +4,10 @@ The exported file runs unchanged in every engine that goes through metatomic (AS
 ``metatomic_ase.MetatomicCalculator``, LAMMPS, i-PI, ...). Inside: featomic's
 ``LodeSphericalExpansion`` -> ``TensorMapToIrreps`` -> e3nn layers -> an ``energy``
 ``TensorMap`` in eV, per system or per atom (``sample_kind="atom"``), restricted to
-``selected_atoms`` when the engine asks.
+``selected_atoms`` when the engine asks. A second, per-atom output,
+``rascaline-e3nn::lode_irreps``, gives the e3nn input of each atom back as a metatensor
+``TensorMap`` through ``IrrepsToTensorMap`` (keys ``o3_lambda, o3_sigma``, components
+``o3_mu`` in featomic's basis).
 
 Forces are exact: the engine differentiates the energy with respect to the positions.
 The stress is not available: featomic's LODE gives no gradients with respect to the
@@ -55,9 +58,19 @@ STRESS_MESSAGE = (
 )
 
 
+#: name of the optional per-atom spherical output (metatomic's "<domain>::<name>")
+SPHERICAL_OUTPUT = "rascaline-e3nn::lode_irreps"
+
+
 class MetatomicEnergy(torch.nn.Module):
-    """An energy model (``atomic_energies(systems) -> [total atoms]``, eV) with the
-    metatomic model interface: ``forward(systems, outputs, selected_atoms)``.
+    """An energy model (``atomic_energies(systems) -> [total atoms]``, eV, holding
+    ``calculator`` and ``to_irreps``) with the metatomic model interface:
+    ``forward(systems, outputs, selected_atoms)``.
+
+    Outputs: ``energy`` (per system or per atom) and ``SPHERICAL_OUTPUT``, the e3nn
+    input of the model per atom (``to_irreps``'s output) back in metatensor's
+    conventions through ``IrrepsToTensorMap``: keys ``o3_lambda, o3_sigma``,
+    components ``o3_mu`` in featomic's basis, one property per channel.
 
     With ``cell_gradients=False`` (models with a LODE calculator), systems whose cell
     requires grad reach the model with a detached cell; the energy of periodic ones
@@ -68,6 +81,10 @@ class MetatomicEnergy(torch.nn.Module):
     def __init__(self, model: torch.nn.Module, cell_gradients: bool):
         super().__init__()
         self.model = model
+        self.to_tensor_map = rascaline_e3nn.IrrepsToTensorMap(
+            model.to_irreps.irreps_out, property_name="channel"
+        )
+        self.spherical_output = SPHERICAL_OUTPUT
         self.cell_gradients = cell_gradients
         self.stress_message = STRESS_MESSAGE
         self.warned = False
@@ -89,10 +106,12 @@ class MetatomicEnergy(torch.nn.Module):
         outputs: Dict[str, ModelOutput],
         selected_atoms: Optional[Labels] = None,
     ) -> Dict[str, TensorMap]:
-        if "energy" not in outputs:
-            return {}
-        if len(outputs["energy"].explicit_gradients) != 0:
-            raise ValueError("this model computes no explicit gradients: use autograd")
+        results: Dict[str, TensorMap] = {}
+        if len(systems) == 0:
+            return results
+        for name, output in outputs.items():
+            if len(output.explicit_gradients) != 0:
+                raise ValueError(f"this model computes no explicit gradients of {name}")
         device = systems[0].positions.device
 
         # zero in value; a NaN gradient with respect to each periodic cell that
@@ -113,8 +132,31 @@ class MetatomicEnergy(torch.nn.Module):
             cell_terms.append(term)
             model_systems.append(system)
 
-        energies = self.model.atomic_energies(model_systems)
+        if "energy" in outputs:
+            energies = self.model.atomic_energies(model_systems)
+            results["energy"] = self._energy(
+                systems, energies, torch.stack(cell_terms), outputs["energy"], selected_atoms
+            )
+        if self.spherical_output in outputs:
+            features = self.model.calculator(model_systems)
+            x, rows = self.model.to_irreps.forward_with_samples(features)
+            samples = Labels(["system", "atom"], rows.values[:, :2])
+            if selected_atoms is not None:
+                keep = samples.select(selected_atoms)
+                x = x[keep]
+                samples = Labels(["system", "atom"], samples.values[keep])
+            results[self.spherical_output] = self.to_tensor_map(x, samples)
+        return results
 
+    def _energy(
+        self,
+        systems: List[System],
+        energies: torch.Tensor,
+        cell_terms: torch.Tensor,
+        output: ModelOutput,
+        selected_atoms: Optional[Labels],
+    ) -> TensorMap:
+        device = energies.device
         system_index = torch.cat(
             [
                 torch.full((len(s),), i, dtype=torch.int32, device=device)
@@ -124,7 +166,7 @@ class MetatomicEnergy(torch.nn.Module):
         atom_index = torch.cat(
             [torch.arange(len(s), dtype=torch.int32, device=device) for s in systems]
         )
-        energies = energies + torch.stack(cell_terms)[system_index]
+        energies = energies + cell_terms[system_index]
         samples = Labels(["system", "atom"], torch.stack([system_index, atom_index], 1))
 
         if selected_atoms is not None:
@@ -133,7 +175,7 @@ class MetatomicEnergy(torch.nn.Module):
             samples = Labels(["system", "atom"], samples.values[keep])
 
         properties = Labels(["energy"], torch.zeros((1, 1), dtype=torch.int32, device=device))
-        if outputs["energy"].sample_kind == "atom":
+        if output.sample_kind == "atom":
             block = TensorBlock(
                 values=energies.reshape(-1, 1),
                 samples=samples,
@@ -153,7 +195,7 @@ class MetatomicEnergy(torch.nn.Module):
                 properties=properties,
             )
         keys = Labels(["_"], torch.zeros((1, 1), dtype=torch.int32, device=device))
-        return {"energy": TensorMap(keys, [block])}
+        return TensorMap(keys, [block])
 
 
 def has_lode(model: torch.nn.Module) -> bool:
@@ -232,6 +274,7 @@ def export(
             ],
         },
     )
+    irreps = model.to_irreps.irreps_out
     capabilities = ModelCapabilities(
         outputs={
             "energy": ModelOutput(
@@ -240,7 +283,13 @@ def export(
                 description="energy; stress and virial are NaN (LODE has no cell gradients)"
                 if lode
                 else "energy",
-            )
+            ),
+            SPHERICAL_OUTPUT: ModelOutput(
+                sample_kind="atom",
+                description=f"the model's e3nn input per atom ({irreps}: featomic's "
+                "expansion, channels = (neighbor_type, n)), back in metatensor's "
+                "conventions (keys o3_lambda, o3_sigma; components o3_mu)",
+            ),
         },
         atomic_types=sorted(atom_types),
         # LODE features depend on every atom of the periodic system
@@ -311,8 +360,8 @@ def main():
     capabilities = atomistic.capabilities()
     print(f"saved {args.output} (TorchScript extensions in {args.extensions}/)")
     print(
-        f"  outputs {list(capabilities.outputs.keys())} in "
-        f"{capabilities.outputs['energy'].unit}, atomic types {capabilities.atomic_types}, "
+        f"  outputs: energy in {capabilities.outputs['energy'].unit}, {SPHERICAL_OUTPUT} "
+        f"({model.to_irreps.irreps_out}); atomic types {capabilities.atomic_types}, "
         f"interaction range {capabilities.interaction_range} {capabilities.length_unit}, "
         f"devices {capabilities.supported_devices}, {capabilities.dtype}"
     )

@@ -27,6 +27,7 @@ from metatomic_ase import MetatomicCalculator
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 from export_metatomic import (  # noqa: E402
+    SPHERICAL_OUTPUT,
     STRESS_MESSAGE,
     MetatomicEnergy,
     load_trained,
@@ -131,6 +132,42 @@ print(json.dumps({"energy": energy.item(), "name": metadata.name,
     references = " ".join(sum(out["references"].values(), []))
     for name in ("featomic", "e3nn", "rascaline-e3nn", "LODE"):
         assert name in references
+
+
+def test_spherical_output_is_featomic_expansion_in_metatensor_conventions(exported):
+    """The per-atom spherical output, against featomic's own LODE blocks (which follow
+    metatensor's conventions): for each atom and l, the neighbour types' blocks side
+    by side; selected_atoms honoured."""
+    model, path, extensions = exported
+    loaded = load_atomistic_model(path, extensions_directory=extensions)
+    systems = [nacl(rattle=0.2, seed=12), nacl(rattle=0.2, seed=13)]
+    selected = Labels(["system", "atom"],
+                      torch.tensor([[0, 1], [0, 6], [1, 3], [1, 4]], dtype=torch.int32))
+    options = ModelEvaluationOptions(
+        length_unit="angstrom", selected_atoms=selected,
+        outputs={SPHERICAL_OUTPUT: ModelOutput(sample_kind="atom")},
+    )
+    output = loaded(systems, options, check_consistency=True)[SPHERICAL_OUTPUT]
+    featomic_map = model.calculator(systems)
+
+    assert output.keys.names == ["o3_lambda", "o3_sigma"]
+    assert output.keys.values.tolist() == [[0, 1], [1, 1]]
+    for l in (0, 1):
+        block = output.block({"o3_lambda": l, "o3_sigma": 1})
+        assert block.components[0].names == ["o3_mu"]
+        assert block.components[0].values.reshape(-1).tolist() == list(range(-l, l + 1))
+        assert torch.equal(block.samples.values, selected.values)
+        for row, (s, a) in enumerate(selected.values.tolist()):
+            center = int(systems[s].types[a])
+            expected = []
+            for neighbor in (11, 17):
+                reference = featomic_map.block({"o3_lambda": l, "o3_sigma": 1,
+                                                "center_type": center,
+                                                "neighbor_type": neighbor})
+                position = reference.samples.position([s, a])
+                expected.append(reference.values[position])
+            torch.testing.assert_close(block.values[row], torch.cat(expected, dim=-1),
+                                       rtol=0, atol=1e-14)
 
 
 def test_load_trained_rebuilds_the_saved_model(exported, tmp_path):
