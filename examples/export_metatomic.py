@@ -1,11 +1,12 @@
 """Export the LODE -> e3nn energy model as a metatomic ``AtomisticModel``.
 
-The exported file runs unchanged in every engine that goes through metatomic (ASE's
-``metatomic_ase.MetatomicCalculator``, LAMMPS, i-PI, ...). Inside: featomic's
+The exported file is meant for the engines that go through metatomic (ASE's
+``metatomic_ase.MetatomicCalculator``, LAMMPS, i-PI, ...; ASE's is the one tested here),
+with the TorchScript extensions it needs copied to ``--extensions``. Inside: featomic's
 ``LodeSphericalExpansion`` -> ``TensorMapToIrreps`` -> e3nn layers -> an ``energy``
 ``TensorMap`` in eV, per system or per atom (``sample_kind="atom"``), restricted to
 ``selected_atoms`` when the engine asks. A second, per-atom output,
-``rascaline-e3nn::lode_irreps``, gives the e3nn input of each atom back as a metatensor
+``rascaline-e3nn::irreps``, gives the e3nn input of each atom back as a metatensor
 ``TensorMap`` through ``IrrepsToTensorMap`` (keys ``o3_lambda, o3_sigma``, components
 ``o3_mu`` in featomic's basis).
 
@@ -15,7 +16,11 @@ cell, so the cell derivative of the energy (its reciprocal-space part included) 
 unknown. The model hands featomic a cell detached from autograd and adds to the energy
 a term that is exactly zero but whose gradient with respect to the cell is NaN: every
 stress or virial an engine derives from the cell comes out NaN (with a warning, once
-per model), never a finite number missing a part.
+per model), never a finite number missing a part. (A model on featomic's
+``SphericalExpansion``, ``build_model("soap", ...)``, keeps the cell: its stress is exact.)
+
+metatomic copies every TorchScript extension loaded in the exporting process: export
+from a process that has not loaded this package's fused kernel.
 
 Run with ``python examples/export_metatomic.py`` (the model trained by
 ``examples/train_long_range.py`` in ``lode_e3nn_run/``) or
@@ -58,8 +63,8 @@ STRESS_MESSAGE = (
 )
 
 
-#: name of the optional per-atom spherical output (metatomic's "<domain>::<name>")
-SPHERICAL_OUTPUT = "rascaline-e3nn::lode_irreps"
+#: name of the per-atom spherical output (metatomic's "<domain>::<name>")
+SPHERICAL_OUTPUT = "rascaline-e3nn::irreps"
 
 
 class MetatomicEnergy(torch.nn.Module):
@@ -252,26 +257,33 @@ def export(
 ):
     """Wrap ``model`` (an energy model on float64 systems, in eV and Å) as a metatomic
     ``AtomisticModel`` and save it to ``output``, with the TorchScript extensions it
-    needs (featomic-torch, metatensor-torch, metatomic-torch) copied to ``extensions``
-    when given; returns the ``AtomisticModel``."""
+    needs (featomic-torch and its libraries; engines provide metatensor's and
+    metatomic's) copied to ``extensions`` when given; returns the ``AtomisticModel``."""
     model = model.eval()
     lode = has_lode(model)
+    if lode:
+        architecture = (
+            "LODE: A. Grisafi and M. Ceriotti, Incorporating long-range physics in "
+            "atomic-scale machine learning, J. Chem. Phys. 151, 204105 (2019)"
+        )
+    else:
+        architecture = (
+            "SOAP: A. P. Bartók, R. Kondor and G. Csányi, On representing chemical "
+            "environments, Phys. Rev. B 87, 184115 (2013)"
+        )
     metadata = ModelMetadata(
-        name="lode-e3nn-energy",
+        name="lode-e3nn-energy" if lode else "soap-e3nn-energy",
         description=description,
         references={
             "implementation": [
-                "featomic (LODE spherical expansion): https://github.com/metatensor/featomic",
+                "featomic: https://github.com/metatensor/featomic",
                 "e3nn: M. Geiger and T. Smidt, e3nn: Euclidean Neural Networks, "
                 "arXiv:2207.09453 (2022), https://github.com/e3nn/e3nn",
                 f"rascaline-e3nn {rascaline_e3nn.__version__}: TensorMapToIrreps, "
                 "bridges from featomic TensorMaps to e3nn irreps tensors",
                 "metatomic: https://github.com/metatensor/metatomic",
             ],
-            "architecture": [
-                "LODE: A. Grisafi and M. Ceriotti, Incorporating long-range physics in "
-                "atomic-scale machine learning, J. Chem. Phys. 151, 204105 (2019)",
-            ],
+            "architecture": [architecture],
         },
     )
     irreps = model.to_irreps.irreps_out
@@ -287,8 +299,9 @@ def export(
             SPHERICAL_OUTPUT: ModelOutput(
                 sample_kind="atom",
                 description=f"the model's e3nn input per atom ({irreps}: featomic's "
-                "expansion, channels = (neighbor_type, n)), back in metatensor's "
-                "conventions (keys o3_lambda, o3_sigma; components o3_mu)",
+                f"{'LODE' if lode else 'SOAP'} spherical expansion, channels = "
+                "(neighbor_type, n)), back in metatensor's conventions (keys o3_lambda, "
+                "o3_sigma; components o3_mu)",
             ),
         },
         atomic_types=sorted(atom_types),
