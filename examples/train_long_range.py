@@ -26,7 +26,6 @@ several processes with ``torchrun --nproc_per_node 2 examples/train_long_range.p
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -404,7 +403,8 @@ def train_one(kind: str, args, systems, energies, forces, train_idx, test_idx,
                                                         device)
         history["train"].append(train_sum / train_n)
         history["test"].append(test_sum / test_n)
-        bar.set_postfix(train=f"{history['train'][-1]:.3f} eV", test=f"{history['test'][-1]:.3f} eV")
+        bar.set_postfix(train=f"{history['train'][-1]:.3f} eV",
+                        test=f"{history['test'][-1]:.3f} eV")
 
     # final metrics on the held-out set: energies, and forces by autograd
     mine_test = test_idx[dist.rank::dist.world]

@@ -89,6 +89,9 @@ def test_model_contract(kind, float64_default):
     assert energies.shape == (2,) and atomic.shape == (12,)
     assert torch.allclose(atomic.split([6, 6])[0].sum(), energies[0], atol=1e-12)
     assert torch.allclose(atomic.split([6, 6])[1].sum(), energies[1], atol=1e-12)
+    # from descriptors computed beforehand (the training path)
+    features = model.calculator(systems)
+    assert torch.allclose(model.energies_from_features(features, 2), energies, atol=1e-12)
     # atoms in their order: swapping two atoms of a system swaps their energies
     s = systems[0]
     order = torch.tensor([1, 0, 2, 3, 4, 5])
