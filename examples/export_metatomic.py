@@ -365,7 +365,8 @@ def main():
         print(f"model of {args.run}: {config}")
         system = nacl()
         difference = (model([system]) - scripted([system])).abs().max().item()
-        print(f"rebuilt model vs {args.run}/model.pt on rattled NaCl: |dE| = {difference:.1e} eV")
+        saved = os.path.join(args.run, "model.pt")
+        print(f"rebuilt model vs {saved} on rattled NaCl: |dE| = {difference:.1e} eV")
         if difference > 1e-10:
             raise ValueError("the rebuilt model does not reproduce the saved one")
 
