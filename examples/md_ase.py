@@ -3,7 +3,9 @@
 Loads a metatomic model file (from ``examples/export_metatomic.py``) with
 ``metatomic_ase.MetatomicCalculator``, runs velocity-Verlet MD of a rock-salt NaCl
 supercell (atoms slightly displaced, velocities drawn at the given temperature), and
-prints the drift of the total energy per atom and the wall time per step.
+prints the drift of the total energy per atom and the wall time per step, and the
+stress the calculator computed with the forces (NaN for a LODE model, which cannot
+differentiate the cell: see the model's warning).
 
 Run with ``python examples/md_ase.py lode-e3nn.pt``.
 """
@@ -38,7 +40,9 @@ def main():
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--timestep", type=float, default=1.0, help="fs")
     parser.add_argument("--temperature", type=float, default=300.0, help="K")
-    parser.add_argument("--repeat", type=int, default=1, help="copies of the 8-atom cubic cell")
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="repetitions of the 8-atom cubic cell per axis"
+    )
     parser.add_argument("--rattle", type=float, default=0.05, help="Å")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
