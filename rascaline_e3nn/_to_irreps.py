@@ -197,11 +197,6 @@ class _ReadTensorMap(torch.nn.Module):
                         + "change needs floating point values (use basis='featomic' "
                         + "for integers)"
                     )
-                if value.device != self._columns.device:
-                    raise ValueError(
-                        "the input is on " + str(value.device) + ", the module on "
-                        + str(self._columns.device) + ": move the module with .to()"
-                    )
             if value.shape[2] != self._slot_n_properties[t]:
                 value = self._expand_properties(t, value, block.properties.values)
                 reshaped.append(t)
@@ -684,6 +679,12 @@ class _ReadTensorMap(torch.nn.Module):
     def read(
         self, tensor: TensorMap, wanted: Optional[Labels]
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
+        device = tensor.keys.values.device
+        if device != self._columns.device:
+            raise ValueError(
+                "the input is on " + str(device) + ", the module on "
+                + str(self._columns.device) + ": move the module with .to()"
+            )
         slots, different_keys = self._match_keys(tensor.keys)
         values, samples, actual, expected, reshaped = self._values(tensor, slots)
         classes, different = self._classes(values, samples, actual, expected)

@@ -204,7 +204,8 @@ def test_dtype_and_device_follow_the_input(lode_water, dtype, device):
     x = module(moved)
     assert x.dtype == dtype and x.device.type == device
     reference = TensorMapToIrreps(tensor)(tensor).to(dtype)
-    torch.testing.assert_close(x.cpu(), reference, rtol=0, atol=1e-6 if dtype == torch.float32 else 0)
+    # the device's matmul may round the l >= 2 change of basis differently: ~1e-16
+    torch.testing.assert_close(x.cpu(), reference, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-15)
 
 
 def test_row_keys_are_configurable(lode_water):
