@@ -130,11 +130,14 @@ def rotate(
             D = D.t()
         if offset > last:
             pieces.append(x[:, last:offset])
-        segment = x[:, offset : offset + mul * n_m]
+        # one copy of the segment, then one 2-D GEMM (a matmul of the strided
+        # [n_rows, mul, 2l+1] view would run n_rows tiny batched products)
+        segment = x[:, offset : offset + mul * n_m].contiguous()
         if mul_ir:
-            y = torch.matmul(segment.reshape(n_rows, mul, n_m), D.t())
+            y = torch.mm(segment.view(n_rows * mul, n_m), D.t())
         else:
-            y = torch.matmul(D, segment.reshape(n_rows, n_m, mul))
+            y = torch.mm(D, segment.view(n_rows, n_m, mul).transpose(0, 1).reshape(n_m, n_rows * mul))
+            y = y.view(n_m, n_rows, mul).transpose(0, 1)
         pieces.append(y.reshape(n_rows, mul * n_m))
         last = offset + mul * n_m
     if last < x.shape[1]:

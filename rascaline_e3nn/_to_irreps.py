@@ -274,10 +274,12 @@ class _ReadTensorMap(torch.nn.Module):
         samples: List[Optional[torch.Tensor]],
         actual: List[torch.Tensor],
         expected: List[torch.Tensor],
-    ) -> Tuple[List[List[List[int]]], bool]:
+    ) -> Tuple[List[List[List[int]]], bool, Optional[torch.Tensor]]:
         """For every row group, its present blocks split in classes holding the same
-        samples; and whether the metadata comparisons (``actual`` against
-        ``expected``) found a difference. One host read for all of it.
+        samples; whether the metadata comparisons (``actual`` against ``expected``)
+        found a difference; and, when every group has one length of blocks, the order
+        of the rows (with ``check``, sorted here to find repeated samples in the same
+        read). One host read for all of it.
 
         Within a group, blocks of one length are compared with the first of that
         length. With ``check=False``, a group whose blocks all have one length is
@@ -304,15 +306,23 @@ class _ReadTensorMap(torch.nn.Module):
                         pairs.append([t, members[0]])
             classes.append(group)
         if len(pairs) == 0 and not self._check:
-            return classes, False
+            return classes, False, None
         device = self._columns.device
+        order: Optional[torch.Tensor] = None
+        single = True
+        for group in classes:
+            if len(group) > 1:
+                single = False
         flags: List[torch.Tensor] = []
         if len(actual) > 0:
             flags.append((torch.cat(actual) != torch.cat(expected)).sum().reshape(1))
         else:
             flags.append(torch.zeros(1, dtype=torch.int64, device=device))
-        if self._check:
-            flags.append(self._duplicated(samples, classes))
+        if self._check and single:
+            order, repeated = self._order_and_repeats(samples, classes)
+            flags.append(repeated)
+        elif self._check:
+            flags.append(torch.zeros(1, dtype=torch.int64, device=device))
         hashed: List[int] = []
         if len(pairs) > 0:
             mine: List[torch.Tensor] = []
@@ -344,7 +354,7 @@ class _ReadTensorMap(torch.nn.Module):
             read = read[:1] + read[2:]
         different = read[0] != 0
         if len(pairs) == 0 or max(read[1 : 1 + len(pairs)]) == 0:
-            return classes, different
+            return classes, different, order
         # blocks of equal length holding other samples: classes by (length, hash of
         # the samples), verified exactly with the union of the samples (_groups)
         hashes = read[1 + len(pairs) :]
@@ -364,29 +374,35 @@ class _ReadTensorMap(torch.nn.Module):
                         signatures.append(signature)
                         split.append([t])
             classes[g] = split
-        return classes, different
+        return classes, different, None
 
-    def _duplicated(
+    def _order_and_repeats(
         self, samples: List[Optional[torch.Tensor]], classes: List[List[List[int]]]
-    ) -> torch.Tensor:
-        """``[1]``: how many samples repeat within one block (blocks of a class are
-        compared to its first one, so the first ones are enough)."""
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The order of the rows (the samples of each group's first block, groups one
+        after the other) and ``[1]``: how many samples repeat within one group,
+        found next to each other once sorted."""
         device = self._columns.device
         references: List[torch.Tensor] = []
         sizes: List[int] = []
         for group in classes:
-            for members in group:
-                r = samples[members[0]]
+            if len(group) > 0:
+                r = samples[group[0][0]]
                 assert r is not None
                 references.append(r)
                 sizes.append(r.shape[0])
         total = sum(sizes)
         if total < 2:
-            return torch.zeros(1, dtype=torch.int64, device=device)
-        which = torch.repeat_interleave(torch.tensor(sizes, device=device), output_size=total)
-        rows = torch.cat([torch.cat(references), which.unsqueeze(1)], dim=1)
-        ordered = rows.index_select(0, lexsort(rows))
-        return (ordered[1:] == ordered[:-1]).all(dim=1).sum().reshape(1)
+            order = torch.arange(total, device=device)
+            return order, torch.zeros(1, dtype=torch.int64, device=device)
+        rows = torch.cat(references)
+        order = lexsort(rows)
+        ordered = rows.index_select(0, order)
+        group = torch.repeat_interleave(
+            torch.tensor(sizes, device=device), output_size=total
+        ).index_select(0, order)
+        repeated = (ordered[1:] == ordered[:-1]).all(dim=1) & (group[1:] == group[:-1])
+        return order, repeated.sum().reshape(1)
 
     def _explain_duplicates(
         self, samples: List[Optional[torch.Tensor]], classes: List[List[List[int]]]
@@ -506,7 +522,8 @@ class _ReadTensorMap(torch.nn.Module):
                 r = samples[members[0]]
                 assert r is not None
                 tag = torch.full((r.shape[0], 1), k, dtype=r.dtype, device=device)
-                tagged.append(torch.cat([tag, r], dim=1))
+                which = torch.full((r.shape[0], 1), len(tagged), dtype=r.dtype, device=device)
+                tagged.append(torch.cat([tag, r, which], dim=1))
                 for t in members[1:]:
                     s = samples[t]
                     assert s is not None
@@ -514,27 +531,32 @@ class _ReadTensorMap(torch.nn.Module):
                     theirs.append(r.reshape(-1))
         if len(multi) == 0:
             return unions, union_ids, True
+        # rows [group, samples..., class]: sorted, a sample repeated within a class
+        # is next to itself
         everything = torch.cat(tagged)
         order = lexsort(everything)
         ordered = everything.index_select(0, order)
+        n_columns = ordered.shape[1]
         new = torch.ones(ordered.shape[0], dtype=torch.bool, device=device)
-        new[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
+        new[1:] = (ordered[1:, : n_columns - 1] != ordered[:-1, : n_columns - 1]).any(dim=1)
         ids = torch.empty(ordered.shape[0], dtype=torch.int64, device=device).index_put_(
             (order,), torch.cumsum(new, dim=0) - 1
         )
         counts = torch.zeros(len(multi), dtype=torch.int64, device=device).index_add_(
             0, ordered[:, 0].to(torch.int64), new.to(torch.int64)
         )
-        flags = [counts]
+        flags = [counts, (ordered[1:] == ordered[:-1]).all(dim=1).sum().reshape(1)]
         if len(mine) > 0:
             flags.append((torch.cat(mine) != torch.cat(theirs)).sum().reshape(1))
         read: List[int] = torch.cat(flags).tolist()
+        if read[len(multi)] != 0:
+            self._explain_duplicates(samples, classes)
         if len(mine) > 0 and read[-1] != 0:
             # the same samples in another order (or a hash collision)
             return unions, union_ids, False
         total = sum(read[: len(multi)])
         where = torch.nonzero_static(new, size=total)[:, 0]
-        distinct = ordered.index_select(0, where)[:, 1:]
+        distinct = ordered.index_select(0, where)[:, 1 : n_columns - 1]
         start = 0
         entry_start = 0
         for k in range(len(multi)):
@@ -687,16 +709,19 @@ class _ReadTensorMap(torch.nn.Module):
             )
         slots, different_keys = self._match_keys(tensor.keys)
         values, samples, actual, expected, reshaped = self._values(tensor, slots)
-        classes, different = self._classes(values, samples, actual, expected)
+        classes, different, sorted_order = self._classes(values, samples, actual, expected)
         if different:
             self._explain(tensor, slots, values, reshaped)
         groups, columns, rows = self._groups(values, samples, classes)
         if wanted is None:
-            everything = torch.cat(rows)
-            if everything.shape[0] == 0:
-                order = torch.zeros(0, dtype=torch.int64, device=self._columns.device)
+            if sorted_order is not None:
+                order = sorted_order
             else:
-                order = lexsort(everything)
+                everything = torch.cat(rows)
+                if everything.shape[0] == 0:
+                    order = torch.zeros(0, dtype=torch.int64, device=self._columns.device)
+                else:
+                    order = lexsort(everything)
         else:
             order = self._caller_order(rows, wanted)
             # the row of zeros for the entries the tensor does not have
@@ -890,7 +915,11 @@ class TensorMapToIrreps(torch.nn.Module):
         accepts it)."""
         parts: List[torch.Tensor] = []
         for g in range(len(groups)):
-            parts.append(groups[g].index_select(1, columns[g]))
+            group = groups[g]
+            # a gather with the column map broadcast over the rows (much faster on
+            # the CPU than index_select along dimension 1)
+            index = columns[g].unsqueeze(0).expand(group.shape[0], columns[g].shape[0])
+            parts.append(torch.gather(group, 1, index))
         out = torch.cat(parts) if len(parts) > 1 else parts[0]
         out = out.index_select(0, order)
         if self._e3nn_basis:

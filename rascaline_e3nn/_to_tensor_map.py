@@ -370,7 +370,8 @@ class IrrepsToTensorMap(torch.nn.Module):
         start = 0
         for g in range(len(counts)):
             columns = self._inverse[self._inverse_start[g] : self._inverse_start[g + 1]]
-            parts.append(x[start : start + counts[g]].index_select(1, columns))
+            index = columns.unsqueeze(0).expand(counts[g], columns.shape[0])
+            parts.append(torch.gather(x[start : start + counts[g]], 1, index))
             start += counts[g]
         return parts
 

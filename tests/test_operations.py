@@ -26,17 +26,19 @@ HOST_READS = {"aten::equal", "aten::item", "aten::_local_scalar_dense", "aten::n
 
 
 def top_level_ops(f):
-    """Names of the non-view aten operations ``f()`` runs, nested ones excluded."""
+    """Names of the non-view aten operations ``f()`` runs: those called directly, and
+    those a view-like call runs (the copy of a ``reshape`` or ``contiguous`` that
+    cannot be a view); operations nested in another one are its own business."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as p:
         f()
     names = []
     for event in p.events():
+        if not event.name.startswith("aten::") or event.name in VIEWS:
+            continue
         parent = event.cpu_parent
-        if (
-            event.name.startswith("aten::")
-            and event.name not in VIEWS
-            and (parent is None or not parent.name.startswith("aten::"))
-        ):
+        while parent is not None and parent.name in VIEWS:
+            parent = parent.cpu_parent
+        if parent is None or not parent.name.startswith("aten::"):
             names.append(event.name)
     return names
 
