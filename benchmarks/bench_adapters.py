@@ -14,23 +14,12 @@ positions and the weights.
 
     python benchmarks/bench_adapters.py                   # both cases, 1 thread
     python benchmarks/bench_adapters.py --threads 2 --min-time 1.5 --rounds 5
-    python benchmarks/bench_adapters.py --old PATH        # also another copy of the
-                                                          # package, kernel="fused"
-
-``--old`` names the package directory of an older rascaline_e3nn whose
-``TensorMapToIrreps`` takes ``kernel="fused"``; it is imported beside this one as
-``rascaline_e3nn_old`` and timed in the same run (its compiled kernel loaded from its
-cache, or built there, which takes minutes).
 """
 
 import argparse
-import atexit
 import os
 import platform
-import shutil
 import statistics
-import sys
-import tempfile
 import warnings
 from typing import Callable, Dict, List
 
@@ -198,32 +187,11 @@ def training_step(calculator, systems, adapter, head) -> Callable[[], object]:
     return step
 
 
-def load_old(path: str):
-    """The package at ``path``, imported as ``rascaline_e3nn_old``; its compiled
-    kernel is taken from its cache when built there already."""
-    root = tempfile.mkdtemp(prefix="rascaline_e3nn_old_")
-    atexit.register(shutil.rmtree, root, ignore_errors=True)
-    shutil.copytree(path, os.path.join(root, "rascaline_e3nn_old"))
-    sys.path.insert(0, root)
-    import rascaline_e3nn_old as old
-    from rascaline_e3nn_old import _fused
-
-    includes, ldflags, version = _fused._metatensor_paths()
-    library = _fused._build_directory(version, ldflags) / "rascaline_e3nn_fused.so"
-    if library.exists():
-        torch.ops.load_library(str(library))
-        _fused._library = str(library)
-    return old
-
-
-# ---------------------------------------------------------------------- report
-
-
 def share(x: float, base: float) -> str:
     return f"{100 * x / base:6.1f} %"
 
 
-def run_case(name, make, args, old) -> Dict[str, float]:
+def run_case(name, make, args) -> Dict[str, float]:
     calculator, types, systems = make()
     with torch.no_grad():
         tensor = calculator(systems)
@@ -248,12 +216,6 @@ def run_case(name, make, args, old) -> Dict[str, float]:
     calls.update(adapter_calls("eager", adapter, tensor))
     calls.update(adapter_calls("script", scripted, tensor))
     calls["step"] = training_step(calculator, systems, adapter, head)
-    fused = None
-    if old is not None:
-        fused = old.TensorMapToIrreps.from_calculator(calculator, types, kernel="fused")
-        assert fused._fused and torch.allclose(fused(tensor), out, atol=1e-12, rtol=0)
-        calls.update(adapter_calls("fused", fused, tensor))
-        calls["step_fused"] = training_step(calculator, systems, fused, head)
     t = measure(calls, args.threads, args.min_time, args.rounds)
 
     ms = lambda x: f"{1e3 * x:8.3f} ms"  # noqa: E731
@@ -262,8 +224,6 @@ def run_case(name, make, args, old) -> Dict[str, float]:
     print(f"{'':37s}{'time':>11s}  {'share of featomic forward':>26s}")
     print(f"{'featomic forward':37s}{ms(base)}  {share(base, base):>26s}")
     rows = [("eager", "adapter eager"), ("script", "adapter scripted")]
-    if fused is not None:
-        rows.append(("fused", "old kernel='fused'"))
     for key, label in rows:
         print(f"{label + ' forward':37s}{ms(t[key])}  {share(t[key], base):>26s}")
         print(f"{label + ' forward+backward':37s}{ms(t[key + '_fb'])}  "
@@ -273,15 +233,6 @@ def run_case(name, make, args, old) -> Dict[str, float]:
           f"{share(step, base):>26s}")
     print(f"adapter forward+backward = {share(t['eager_fb'], step).strip()} of the "
           f"training step (scripted: {share(t['script_fb'], step).strip()})")
-    if fused is not None:
-        print(f"{'training step (old kernel)':37s}{ms(t['step_fused'])}  "
-              f"{share(t['step_fused'], base):>26s}")
-        print(f"old kernel forward+backward = {share(t['fused_fb'], step).strip()} of "
-              "the training step")
-        saved = t["eager_fb"] - t["fused_fb"]
-        print(f"kernel saves {share(saved, step).strip()} of the training step "
-              f"(adapter difference; step times differ by "
-              f"{share(step - t['step_fused'], step).strip()})")
     return t
 
 
@@ -294,12 +245,8 @@ def main():
                         help="interleaved rounds, median over them (3)")
     parser.add_argument("--cases", nargs="+", default=["soap", "lode"],
                         choices=["soap", "lode"])
-    parser.add_argument("--old", metavar="PATH",
-                        help="package directory of an older rascaline_e3nn with "
-                        "kernel='fused', timed beside this one (small SOAP case)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    old = load_old(args.old) if args.old else None
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -314,12 +261,12 @@ def main():
           f"{platform.python_version()}")
     print(f"settings: threads {args.threads}, min-time {args.min_time} s per measure in "
           f"{args.rounds} interleaved rounds, "
-          f"cases {args.cases}, old {args.old}")
+          f"cases {args.cases}")
 
     cases = {"soap": ("small SOAP", soap_case), "lode": ("LODE", lode_case)}
     for case in args.cases:
         name, make = cases[case]
-        run_case(name, make, args, old if case == "soap" else None)
+        run_case(name, make, args)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 import time
 import traceback
 import warnings
-from typing import Callable, Dict, List
+from typing import Callable, Dict
 
 import torch
 from torch.utils.benchmark import Timer

@@ -12,7 +12,6 @@ from e3nn import o3
 from metatensor.torch import TensorMap
 from metatomic.torch import System
 
-import rascaline_e3nn
 from rascaline_e3nn import IrrepsToTensorMap, TensorMapToIrreps
 from _reference import with_grad
 from _systems import molecules, spherical_expansion, water_sodium
