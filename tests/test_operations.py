@@ -73,6 +73,27 @@ def test_operations_do_not_grow_with_blocks(basis, check):
         assert len(tensor.keys) == 175 and counts[(5, name)] - counts[(3, name)] <= 10
 
 
+@pytest.mark.parametrize("basis", ["featomic", "e3nn"])
+def test_inverse_operations_do_not_grow_with_blocks(basis):
+    """The inverse reads the same tables backwards: per row group one gather, one row
+    gather and one GEMM per l >= 2; the rows of each group and every check in one
+    host read (a .tolist())."""
+    counts = {}
+    for n_types, tensor in maps().items():
+        to_irreps = TensorMapToIrreps(tensor, basis=basis)
+        x, samples = to_irreps.forward_with_samples(tensor)
+        module = to_irreps.inverse()
+        for name, m in (("eager", module), ("scripted", torch.jit.script(module))):
+            m(x, samples)
+            m(x, samples)
+            ops = top_level_ops(lambda: m(x, samples))
+            assert len(ops) <= 60, (n_types, name, sorted(ops))
+            assert not [op for op in ops if op in HOST_READS], (n_types, name, ops)
+            counts[(n_types, name)] = len(ops)
+    for name in ("eager", "scripted"):
+        assert counts[(5, name)] - counts[(3, name)] <= 10
+
+
 def test_batch_whose_blocks_hold_different_samples_reads_the_host_once_more(lode_like_batch):
     tensor = lode_like_batch
     module = TensorMapToIrreps(tensor)
