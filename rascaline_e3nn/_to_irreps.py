@@ -246,7 +246,7 @@ class _ReadTensorMap(torch.nn.Module):
         """The batched comparison failed: find the culprit, block by block. Blocks
         whose properties are the template's in another order are re-placed."""
         for t in range(len(self._keys)):
-            if slots[t] < 0 or t in reshaped:
+            if slots[t] < 0:
                 continue
             block = tensor.block_by_id(slots[t])
             l = self._slot_l[t]
@@ -257,6 +257,8 @@ class _ReadTensorMap(torch.nn.Module):
                     + str(int_list(mu)) + ", expected -" + str(l)
                     + ".." + str(l) + " in increasing order"
                 )
+            if t in reshaped:  # already placed at the template's properties
+                continue
             p0 = self._property_start[t]
             properties = block.properties.values
             if not torch.equal(

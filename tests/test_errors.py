@@ -629,3 +629,13 @@ def test_inverse_refuses_to_drop_values_in_channels_no_block_holds():
     inverse = TensorMapToIrreps(template, basis="featomic", check=False).inverse()
     out = inverse(x, samples)
     assert len(out) == 3
+
+
+@scripted
+def test_o3_mu_misordered_in_a_block_with_fewer_properties(scripted):
+    """A block holding a subset of the template's properties is placed at them: its
+    o3_mu components are still checked."""
+    conv = to_irreps(scripted)
+    block = spherical_block(1, SAMPLES[1], properties=[[1]], components=[o3_mu([1, 0, -1])])
+    tensor = with_every_center([[1, 1, 1, 1]], [block])
+    assert_fails(conv, (tensor,), r"o3_lambda=1.*o3_mu components \[1, 0, -1\]", scripted)
