@@ -360,6 +360,11 @@ class _ReadTensorMap(torch.nn.Module):
         # blocks of equal length holding other samples: classes by (length, hash of
         # the samples), verified exactly with the union of the samples (_groups)
         hashes = read[1 + len(pairs) :]
+        hash_of: List[int] = [0] * len(values)
+        has_hash: List[bool] = [False] * len(values)
+        for i in range(len(hashed)):
+            hash_of[hashed[i]] = hashes[i]
+            has_hash[hashed[i]] = True
         for g in range(len(classes)):
             split: List[List[int]] = []
             signatures: List[str] = []
@@ -368,8 +373,8 @@ class _ReadTensorMap(torch.nn.Module):
                     v = values[t]
                     assert v is not None
                     signature = str(v.shape[0])
-                    if t in hashed:
-                        signature += ":" + str(hashes[hashed.index(t)])
+                    if has_hash[t]:
+                        signature += ":" + str(hash_of[t])
                     if signature in signatures:
                         split[signatures.index(signature)].append(t)
                     else:
