@@ -91,6 +91,19 @@ class Layout:
         values are placed side by side."""
         return [t for t, b in enumerate(self.blocks) if b.group == group]
 
+    def offsets(self) -> Tuple[List[int], List[int]]:
+        """Where every block starts among its group's blocks side by side (the order
+        of :meth:`group_blocks`), and the width of each group's blocks together."""
+        starts = [0] * len(self.blocks)
+        widths = []
+        for g in range(len(self.groups)):
+            start = 0
+            for t in self.group_blocks(g):
+                starts[t] = start
+                start += self.blocks[t].width
+            widths.append(start)
+        return starts, widths
+
     def keys(self) -> Labels:
         values = torch.tensor([b.key for b in self.blocks], dtype=torch.int32)
         return Labels(self.key_names, values.reshape(-1, len(self.key_names)))
@@ -106,17 +119,14 @@ class Layout:
         where e3nn's order is a permutation of featomic's and is folded in here; the
         dense l >= 2 change of basis is applied to the gathered columns."""
         table = torch.empty((len(self.groups), self.dim), dtype=torch.int64)
+        starts, widths = self.offsets()
         for g in range(len(self.groups)):
-            where: Dict[Tuple[int, int, int], int] = {}  # (l, p, channel) -> (start, P, j)
-            start = 0
-            starts = {}
+            where: Dict[Tuple[int, int, int], Tuple[int, int]] = {}  # (l, p, channel) -> (t, j)
             for t in self.group_blocks(g):
                 b = self.blocks[t]
-                starts[t] = start
                 for j, c in enumerate(b.channels):
                     where[(b.l, b.p, c)] = t, j
-                start += b.width
-            zero = start
+            zero = widths[g]
             for s in self.segments:
                 n_m = 2 * s.l + 1
                 if basis == "e3nn" and s.l == 1:

@@ -57,14 +57,7 @@ class _ReadTensorMap(torch.nn.Module):
         self._slot_n_properties = [b.properties.shape[0] for b in plan.blocks]
         self._group_slots = [plan.group_blocks(g) for g in range(len(plan.groups))]
         self._group_keys = [list(k) for k in plan.groups]
-        starts = [0] * len(plan.blocks)
-        widths = []
-        for slots in self._group_slots:
-            start = 0
-            for t in slots:
-                starts[t] = start
-                start += plan.blocks[t].width
-            widths.append(start)
+        starts, widths = plan.offsets()
         self._slot_start = starts
         self._group_width = widths
         self._group_holes = [

@@ -39,14 +39,7 @@ class _WriteTensorMap(torch.nn.Module):
         self._slot_group = [b.group for b in plan.blocks]
         self._slot_width = [b.width for b in plan.blocks]
         self._slot_n_properties = [b.properties.shape[0] for b in plan.blocks]
-        starts = [0] * len(plan.blocks)
-        widths = []
-        for slots in self._group_slots:
-            start = 0
-            for t in slots:
-                starts[t] = start
-                start += plan.blocks[t].width
-            widths.append(start)
+        starts, widths = plan.offsets()
         self._slot_start = starts
         groups = torch.tensor(plan.groups, dtype=torch.int32)
         self.register_buffer(
@@ -323,8 +316,9 @@ class IrrepsToTensorMap(torch.nn.Module):
         # side by side, the output column holding it
         inverse: List[torch.Tensor] = []
         starts = [0]
+        _, widths = plan.offsets()
         for g in range(len(plan.groups)):
-            width = sum(plan.blocks[t].width for t in plan.group_blocks(g))
+            width = widths[g]
             held = columns[g] < width
             backwards = torch.empty(width, dtype=torch.int64)
             backwards[columns[g][held]] = torch.nonzero(held)[:, 0]
