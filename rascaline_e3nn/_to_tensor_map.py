@@ -93,6 +93,11 @@ class _WriteTensorMap(torch.nn.Module):
                 + str(self._holes.device) + ": move the module with .to()"
             )
         n_rows = x.shape[0]
+        if samples.values.device != x.device:
+            raise ValueError(
+                "the samples are on " + str(samples.values.device) + ", the input on "
+                + str(x.device) + ": move them with samples.to(device)"
+            )
         if samples.values.shape[0] != n_rows:
             raise ValueError(
                 "samples have " + str(samples.values.shape[0]) + " entries for "

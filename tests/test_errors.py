@@ -456,6 +456,8 @@ def test_device_mismatch(device):
         inverse(expected.to(device), samples.to(device))
     conv.to(device)
     inverse.to(device)
+    with pytest.raises(ValueError, match="samples are on cpu"):
+        inverse(expected.to(device), samples)
     x = conv(tensor.to(device))
     torch.testing.assert_close(x.cpu(), expected, rtol=0, atol=1e-14)
     back = inverse(x, samples.to(device))
