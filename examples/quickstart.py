@@ -1,7 +1,8 @@
 """Quickstart: LODE features of a small real structure -> e3nn, and back.
 
 Computes featomic-torch's ``LodeSphericalExpansion`` of a periodic box (two water
-molecules and a sodium ion, embedded below: no download), converts it with
+molecules and a sodium ion in a skewed cell, the structure embedded in
+``rascaline_e3nn.check``: no download), converts it with
 ``TensorMapToIrreps`` for an e3nn ``Linear`` layer predicting a per-atom scalar and
 vector, checks the equivariance of the whole pipeline under a proper and an improper
 rotation of the structure, and converts the prediction back to a metatensor
@@ -18,19 +19,11 @@ from e3nn import o3
 from metatomic.torch import System
 
 from rascaline_e3nn import IrrepsToTensorMap, TensorMapToIrreps
+# two water molecules and a sodium ion in a skewed periodic box (Å)
+from rascaline_e3nn.check import DEFAULT_CELL as CELL
+from rascaline_e3nn.check import DEFAULT_POSITIONS as POSITIONS
+from rascaline_e3nn.check import DEFAULT_TYPES as TYPES
 
-# Two water molecules and a sodium ion in a slightly skewed periodic box (Å)
-TYPES = [8, 1, 1, 8, 1, 1, 11]
-POSITIONS = [
-    [0.00, 0.00, 0.00],
-    [0.96, 0.00, 0.00],
-    [-0.24, 0.93, 0.00],
-    [3.00, 3.00, 3.00],
-    [3.96, 3.00, 3.00],
-    [2.76, 3.93, 3.10],
-    [1.50, 4.50, 0.50],
-]
-CELL = [[6.0, 0.3, 0.0], [0.2, 5.5, 0.1], [0.0, 0.4, 6.2]]
 
 
 def make_system(R: torch.Tensor) -> System:

@@ -6,27 +6,19 @@ import torch
 import featomic.torch as ft
 from metatomic.torch import System
 
+from rascaline_e3nn.check import DEFAULT_CELL, DEFAULT_POSITIONS, DEFAULT_TYPES
+
 #: parametrize over these; CUDA is skipped visibly where there is none
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA device on this machine"))]
 
 
 def water_sodium(positions_shift=0.0, dtype=torch.float64):
-    """A small periodic box: two waters and one Na, non-orthorhombic cell."""
-    positions = torch.tensor(
-        [
-            [0.00, 0.00, 0.00],
-            [0.96, 0.00, 0.00],
-            [-0.24, 0.93, 0.00],
-            [3.00, 3.00, 3.00],
-            [3.96, 3.00, 3.00],
-            [2.76, 3.93, 3.10],
-            [1.50, 4.50, 0.50],
-        ],
-        dtype=dtype,
-    ) + positions_shift
-    cell = torch.tensor([[6.0, 0.3, 0.0], [0.2, 5.5, 0.1], [0.0, 0.4, 6.2]], dtype=dtype)
-    types = torch.tensor([8, 1, 1, 8, 1, 1, 11])
+    """A small periodic box: two waters and one Na, non-orthorhombic cell (the
+    structure embedded in ``rascaline_e3nn.check``)."""
+    positions = torch.tensor(DEFAULT_POSITIONS, dtype=dtype) + positions_shift
+    cell = torch.tensor(DEFAULT_CELL, dtype=dtype)
+    types = torch.tensor(DEFAULT_TYPES)
     return System(types=types, positions=positions, cell=cell, pbc=torch.tensor([True] * 3))
 
 
