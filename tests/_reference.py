@@ -11,7 +11,7 @@ Q = [[0.0, 0.0, 1.0], [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
 
 
 def basis_change(l: int) -> torch.Tensor:
-    """x_e3nn = D @ x_featomic (CONVENTIONS.md), computed in float64."""
+    """x_e3nn = D @ x_featomic, computed in float64 with e3nn's D_from_matrix."""
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
