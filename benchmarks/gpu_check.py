@@ -37,9 +37,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
 
-from metatensor.torch import Labels, TensorBlock, TensorMap  # noqa: E402
+from metatensor.torch import Labels, TensorMap  # noqa: E402
 
 from rascaline_e3nn import TensorMapToIrreps  # noqa: E402
+
+from bench_adapters import with_grad  # noqa: E402
 
 warnings.filterwarnings("ignore", message=".*TorchScript.*")
 warnings.filterwarnings("ignore", category=FutureWarning)
@@ -70,15 +72,6 @@ def timed(fn: Callable[[], object], min_time: float) -> float:
         fn()
     return Timer(stmt="fn()", globals={"fn": fn}).blocked_autorange(
         min_run_time=min_time).median
-
-
-def with_grad(tensor: TensorMap) -> TensorMap:
-    blocks = [
-        TensorBlock(b.values.detach().clone().requires_grad_(True), b.samples,
-                    b.components, b.properties)
-        for b in tensor.blocks()
-    ]
-    return TensorMap(tensor.keys, blocks)
 
 
 def compare(label: str, module, tensor: TensorMap, min_time: float) -> Dict[str, float]:

@@ -354,14 +354,19 @@ def train_one(kind: str, args, systems, energies, forces, train_idx, test_idx,
     train_batches = fixed_batches(train_idx[dist.rank::dist.world])
     test_batches = fixed_batches(test_idx[dist.rank::dist.world])
 
+    history: Dict[str, List[float]] = {"train": [], "test": []}
+
+    def record() -> None:
+        """Append the train and test energy MAE, summed over all ranks, to history."""
+        train_sum, train_n = evaluate(train_batches)
+        test_sum, test_n = evaluate(test_batches)
+        train_sum, train_n, test_sum, test_n = dist.sum(
+            [train_sum, train_n, test_sum, test_n], device)
+        history["train"].append(train_sum / train_n)
+        history["test"].append(test_sum / test_n)
+
     # epoch 0: the least-squares linear path alone (the non-linear path starts at zero)
-    history = {"train": [], "test": []}
-    train_sum, train_n = evaluate(train_batches)
-    test_sum, test_n = evaluate(test_batches)
-    train_sum, train_n, test_sum, test_n = dist.sum([train_sum, train_n, test_sum, test_n],
-                                                    device)
-    history["train"].append(train_sum / train_n)
-    history["test"].append(test_sum / test_n)
+    record()
     bar = tqdm(range(args.epochs), desc=f"training {kind.upper()} + e3nn",
                disable=not progress, leave=False)
     for epoch in bar:
@@ -397,12 +402,7 @@ def train_one(kind: str, args, systems, energies, forces, train_idx, test_idx,
             optimizer.step()
             timer.add("e3nn", start, device)
         scheduler.step()
-        train_sum, train_n = evaluate(train_batches)
-        test_sum, test_n = evaluate(test_batches)
-        train_sum, train_n, test_sum, test_n = dist.sum([train_sum, train_n, test_sum, test_n],
-                                                        device)
-        history["train"].append(train_sum / train_n)
-        history["test"].append(test_sum / test_n)
+        record()
         bar.set_postfix(train=f"{history['train'][-1]:.3f} eV",
                         test=f"{history['test'][-1]:.3f} eV")
 
