@@ -54,19 +54,22 @@ def lexsort(rows: torch.Tensor) -> torch.Tensor:
     return order
 
 
-def union_rows(rows: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sorted distinct rows and, for every input row, its index among them (one host
-    read: the number of distinct rows)."""
-    n = rows.shape[0]
-    if n == 0:
-        return rows, torch.zeros(0, dtype=torch.int64, device=rows.device)
+def sorted_runs(
+    rows: torch.Tensor, n_compared: int
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the rows of a 2-D integer tensor lexicographically (all columns) and split
+    them in runs equal in their first ``n_compared`` columns: ``(order, ordered rows,
+    new, ids)``, ``new`` marking the first row of each run in the sorted order and
+    ``ids[i]`` the run of input row ``i``. The distinct rows are ``ordered[new]``. No
+    host read."""
     order = lexsort(rows)
     ordered = rows.index_select(0, order)
-    new = torch.ones(n, dtype=torch.bool, device=rows.device)
-    new[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
-    ids = torch.cumsum(new, dim=0) - 1
-    inverse = torch.empty_like(ids).index_put_((order,), ids)
-    return ordered[new], inverse
+    new = torch.ones(ordered.shape[0], dtype=torch.bool, device=rows.device)
+    new[1:] = (ordered[1:, :n_compared] != ordered[:-1, :n_compared]).any(dim=1)
+    ids = torch.empty(ordered.shape[0], dtype=torch.int64, device=rows.device).index_put_(
+        (order,), torch.cumsum(new, dim=0) - 1
+    )
+    return order, ordered, new, ids
 
 
 def join(source: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -87,12 +90,7 @@ def join(source: torch.Tensor, target: torch.Tensor) -> Tuple[torch.Tensor, torc
             torch.ones(n_target, dtype=both.dtype, device=device),
         ]
     )
-    order = lexsort(torch.cat([both, tag.unsqueeze(1)], dim=1))
-    ordered = both.index_select(0, order)
-    new = torch.ones(both.shape[0], dtype=torch.bool, device=device)
-    new[1:] = (ordered[1:] != ordered[:-1]).any(dim=1)
-    ids = torch.cumsum(new, dim=0) - 1
-    ids_of = torch.empty_like(ids).index_put_((order,), ids)
+    _, _, _, ids_of = sorted_runs(torch.cat([both, tag.unsqueeze(1)], dim=1), both.shape[1])
     source_ids = ids_of[:n_source]
     target_ids = ids_of[n_source:]
     n_ids = both.shape[0]
