@@ -14,6 +14,7 @@ from ._batch import (
     join,
     lexsort,
     rotate,
+    sorted_runs,
 )
 from ._conventions import BASES, LAYOUTS, check_option
 from ._layout import Layout
@@ -427,8 +428,10 @@ class _ReadTensorMap(torch.nn.Module):
         values: List[Optional[torch.Tensor]],
         samples: List[Optional[torch.Tensor]],
         classes: List[List[List[int]]],
+        with_values: bool,
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], List[torch.Tensor]]:
-        """Per row group: the blocks side by side, the column map, the sample values."""
+        """Per row group: the blocks side by side, the column map (both only
+        ``with_values``), the sample values."""
         device = self._columns.device
         dtype = torch.float64  # when no block is present
         for v in values:
@@ -451,6 +454,14 @@ class _ReadTensorMap(torch.nn.Module):
                 groups.append(torch.zeros((0, 1), dtype=dtype, device=device))
                 columns.append(torch.zeros(self._dim, dtype=torch.int64, device=device))
                 rows.append(torch.zeros((0, n_sample_dims), dtype=torch.int32, device=device))
+                continue
+            if not with_values:
+                if len(group) == 1:
+                    reference = samples[group[0][0]]
+                    assert reference is not None
+                    rows.append(reference)
+                else:
+                    rows.append(unions[g])
                 continue
             order: List[int] = []
             flat = []
@@ -534,14 +545,8 @@ class _ReadTensorMap(torch.nn.Module):
         # rows [group, samples..., class]: sorted, a sample repeated within a class
         # is next to itself
         everything = torch.cat(tagged)
-        order = lexsort(everything)
-        ordered = everything.index_select(0, order)
-        n_columns = ordered.shape[1]
-        new = torch.ones(ordered.shape[0], dtype=torch.bool, device=device)
-        new[1:] = (ordered[1:, : n_columns - 1] != ordered[:-1, : n_columns - 1]).any(dim=1)
-        ids = torch.empty(ordered.shape[0], dtype=torch.int64, device=device).index_put_(
-            (order,), torch.cumsum(new, dim=0) - 1
-        )
+        n_columns = everything.shape[1]
+        _, ordered, new, ids = sorted_runs(everything, n_columns - 1)
         counts = torch.zeros(len(multi), dtype=torch.int64, device=device).index_add_(
             0, ordered[:, 0].to(torch.int64), new.to(torch.int64)
         )
@@ -699,8 +704,11 @@ class _ReadTensorMap(torch.nn.Module):
 
     @torch.jit.export
     def read(
-        self, tensor: TensorMap, wanted: Optional[Labels]
+        self, tensor: TensorMap, wanted: Optional[Labels], with_values: bool = True
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
+        """Per row group the blocks side by side and the column map (none without
+        ``with_values``: for the rows' metadata alone), the order of the rows, and
+        the sample values of each group."""
         device = tensor.keys.values.device
         if device != self._columns.device:
             raise ValueError(
@@ -712,7 +720,7 @@ class _ReadTensorMap(torch.nn.Module):
         classes, different, sorted_order = self._classes(values, samples, actual, expected)
         if different:
             self._explain(tensor, slots, values, reshaped)
-        groups, columns, rows = self._groups(values, samples, classes)
+        groups, columns, rows = self._groups(values, samples, classes, with_values)
         if wanted is None:
             if sorted_order is not None:
                 order = sorted_order
@@ -724,6 +732,7 @@ class _ReadTensorMap(torch.nn.Module):
                     order = lexsort(everything)
         else:
             order = self._caller_order(rows, wanted)
+        if wanted is not None and with_values:
             # the row of zeros for the entries the tensor does not have
             groups.append(torch.zeros((1, 1), dtype=groups[0].dtype, device=groups[0].device))
             columns.append(torch.zeros(self._dim, dtype=torch.int64, device=groups[0].device))
@@ -896,16 +905,16 @@ class TensorMapToIrreps(torch.nn.Module):
 
     @torch.jit.unused
     def _read_outside_graph(
-        self, tensor: TensorMap, rows: Optional[Labels]
+        self, tensor: TensorMap, rows: Optional[Labels], with_values: bool
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
-        return _read_batch(self._read, tensor, rows)
+        return _read_batch(self._read, tensor, rows, with_values)
 
     def _read_batch(
-        self, tensor: TensorMap, rows: Optional[Labels]
+        self, tensor: TensorMap, rows: Optional[Labels], with_values: bool = True
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
         if torch.jit.is_scripting():
-            return self._read.read(tensor, rows)
-        return self._read_outside_graph(tensor, rows)
+            return self._read.read(tensor, rows, with_values)
+        return self._read_outside_graph(tensor, rows, with_values)
 
     def move(
         self, groups: List[torch.Tensor], columns: List[torch.Tensor], order: torch.Tensor
@@ -939,7 +948,7 @@ class TensorMapToIrreps(torch.nn.Module):
     def samples(self, tensor: TensorMap) -> Labels:
         """Metadata of the rows of ``forward(tensor)``: the block sample dimensions,
         then the key dimensions moved to rows."""
-        _, _, order, rows = self._read_batch(tensor, None)
+        _, _, order, rows = self._read_batch(tensor, None, False)
         return self._labels(rows, order)
 
     def _labels(self, rows: List[torch.Tensor], order: torch.Tensor) -> Labels:
@@ -959,11 +968,11 @@ class TensorMapToIrreps(torch.nn.Module):
 
 
 @torch.compiler.disable
-def _read_batch(read, tensor: TensorMap, rows: Optional[Labels]):
+def _read_batch(read, tensor: TensorMap, rows: Optional[Labels], with_values: bool):
     """The metadata step, outside any ``torch.compile`` graph (metatensor's classes
     are TorchScript objects dynamo cannot trace); the batch dimensions of what it
     returns are marked dynamic, so that new batch sizes do not recompile."""
-    groups, columns, order, row_values = call_scripted(read.read, tensor, rows)
+    groups, columns, order, row_values = call_scripted(read.read, tensor, rows, with_values)
     for g in groups:
         torch._dynamo.maybe_mark_dynamic(g, 0)
         torch._dynamo.maybe_mark_dynamic(g, 1)
