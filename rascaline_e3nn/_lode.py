@@ -123,6 +123,11 @@ class LodeSphericalExpansion(torch.nn.Module):
         (default 1e-8)}``.
     k_cutoff : float, optional
         The k-space cutoff, ``1.2 * pi / smearing`` by default.
+    low_memory : bool, optional
+        Recompute each chunk of the k-sum in the backward pass instead of saving its
+        ``[atoms, k-vectors]`` intermediates for autograd (``torch.utils.checkpoint``),
+        so that memory stays bounded by a chunk. Eager modules only: a scripted
+        module saves the intermediates (TorchScript cannot compile checkpointing).
 
     Examples
     --------
@@ -137,7 +142,14 @@ class LodeSphericalExpansion(torch.nn.Module):
 
     __jit_unused_properties__ = ["parameters", "c_name"]
 
-    def __init__(self, density: Dict, basis: Dict, k_cutoff: Optional[float] = None):
+    def __init__(
+        self,
+        density: Dict,
+        basis: Dict,
+        k_cutoff: Optional[float] = None,
+        *,
+        low_memory: bool = False,
+    ):
         super().__init__()
         hypers = parse_hypers(density, basis, k_cutoff)
         self._hypers = hypers
@@ -158,6 +170,8 @@ class LodeSphericalExpansion(torch.nn.Module):
         self._phases: List[float] = [_phase(l) for l in range(L + 1)]
         #: number of (atom, k-vector) pairs a chunk of the k-sum holds at once
         self.chunk_size: int = 1 << 20
+        #: recompute each chunk of the k-sum in the backward pass (eager only)
+        self.low_memory: bool = bool(low_memory)
 
     # ------------------------------------------------------------------ metadata
 
@@ -244,9 +258,9 @@ class LodeSphericalExpansion(torch.nn.Module):
     ) -> List[torch.Tensor]:
         """The expansion of every atom on every neighbour type.
 
-        ``type_index`` (int64, on the systems' device, ``[n_atoms]``) is each atom's
-        position among the ``n_types`` neighbour types. Returns, per l, a
-        ``[n_atoms, n_types, 2l+1, n_radial]`` tensor.
+        ``type_index`` (int64, on the CPU, ``[n_atoms]``) is each atom's position
+        among the ``n_types`` neighbour types. Returns, per l, a ``[n_atoms, n_types,
+        2l+1, n_radial]`` tensor on the systems' device.
         """
         positions = systems[0].positions
         device = positions.device
@@ -256,6 +270,7 @@ class LodeSphericalExpansion(torch.nn.Module):
         L = self.max_angular
         n_radial = self.n_radial
 
+        # every index is made on the host and uploaded at once
         n_host, mask_host = k_vectors(cells_host, self.k_cutoff)
         for i in range(n_systems):
             if not bool(mask_host[i].any()):
@@ -263,24 +278,42 @@ class LodeSphericalExpansion(torch.nn.Module):
                     f"No k-vectors for current combination of hyper parameters (system {i})"
                 )
         max_k = n_host.shape[1]
-        n_int = n_host.to(device=device)
-        mask = mask_host.to(device=device, dtype=dtype)
+        system_host = torch.cat(
+            [torch.full([n], i, dtype=torch.int64) for i, n in enumerate(sizes)]
+        )
+        atom_host = torch.cat([torch.arange(n, dtype=torch.int64) for n in sizes])
+        n_atoms = system_host.shape[0]
+        upload = torch.cat(
+            [
+                n_host.reshape(-1),
+                mask_host.to(torch.int64).reshape(-1),
+                system_host * max_atoms + atom_host,
+                system_host,
+                type_index,
+            ]
+        ).to(device)
+        n_int = upload[: 3 * n_systems * max_k].reshape(n_systems, max_k, 3)
+        start = 3 * n_systems * max_k
+        mask = upload[start : start + n_systems * max_k].reshape(n_systems, max_k).to(dtype)
+        start += n_systems * max_k
+        flat = upload[start : start + n_atoms]
+        system_of_atom = upload[start + n_atoms : start + 2 * n_atoms]
+        own_type = upload[start + 2 * n_atoms :]
 
         cells = torch.stack([s.cell for s in systems])
-        reciprocal = 2.0 * math.pi * torch.linalg.inv(cells.transpose(1, 2))
+        # inv_ex: no check of the result, which would synchronise a GPU (the cells
+        # were checked on the host)
+        reciprocal = 2.0 * math.pi * torch.linalg.inv_ex(cells.transpose(1, 2))[0]
         volumes = torch.linalg.det(cells).abs()
 
         # padded positions and one-hot types, [n_systems, max_atoms, ...]
-        flat = torch.cat(
-            [torch.arange(n, device=device) + i * max_atoms for i, n in enumerate(sizes)]
-        )
         all_positions = torch.cat([s.positions for s in systems])
         padded = torch.zeros((n_systems * max_atoms, 3), dtype=dtype, device=device)
         padded = padded.index_copy(0, flat, all_positions).reshape(n_systems, max_atoms, 3)
+        # one_hot would check its input's range on the device: a comparison does not
+        own = (own_type[:, None] == torch.arange(n_types, device=device)).to(dtype)
         one_hot = torch.zeros((n_systems * max_atoms, n_types), dtype=dtype, device=device)
-        one_hot = one_hot.index_copy(
-            0, flat, torch.nn.functional.one_hot(type_index, n_types).to(dtype)
-        ).reshape(n_systems, max_atoms, n_types)
+        one_hot = one_hot.index_copy(0, flat, own).reshape(n_systems, max_atoms, n_types)
         one_hot_t = one_hot.transpose(1, 2)
 
         if e3nn_basis:
@@ -305,48 +338,24 @@ class LodeSphericalExpansion(torch.nn.Module):
         step = max(1, self.chunk_size // max(1, n_systems * max_atoms))
         for start in range(0, max_k, step):
             stop = min(max_k, start + step)
-            n_chunk = stop - start
-            k = torch.bmm(n_int[:, start:stop].to(dtype), reciprocal)  # [S, Kc, 3]
-            k_norm = torch.linalg.vector_norm(k, dim=2)
-            factor = prefactor[:, None] * mask[:, start:stop]
-            factor = factor * self.radial.density_fourier(k_norm.reshape(-1)).reshape(
-                n_systems, n_chunk
-            )
-            harmonics = self.spherical_harmonics(k.reshape(-1, 3)) @ to_basis
-            radial = self.radial(k_norm.reshape(-1))
-            weights_even: List[torch.Tensor] = []
-            weights_odd: List[torch.Tensor] = []
-            for l in range(L + 1):
-                y = harmonics[:, l * l : (l + 1) * (l + 1)]
-                w = (factor.reshape(-1, 1, 1) * self._phases[l]) * y[:, :, None]
-                w = (w * radial[l][:, None, :]).reshape(n_systems, n_chunk, -1)
-                if l % 2 == 0:
-                    weights_even.append(w)
-                else:
-                    weights_odd.append(w)
-
-            phase = torch.bmm(padded, k.transpose(1, 2))  # [S, N, Kc]
-            cos = torch.cos(phase)
-            sin = torch.sin(phase)
-            sum_cos = torch.bmm(one_hot_t, cos)  # [S, T, Kc]
-            sum_sin = torch.bmm(one_hot_t, sin)
-            cos = cos[:, :, None, :]
-            sin = sin[:, :, None, :]
-            sum_cos = sum_cos[:, None, :, :]
-            sum_sin = sum_sin[:, None, :, :]
-            shape = (n_systems, max_atoms * n_types, n_chunk)
-            real = (cos * sum_cos + sin * sum_sin).reshape(shape)
-            out_even = out_even + torch.bmm(real, torch.cat(weights_even, dim=2))
-            if L > 0:
-                imag = (sin * sum_cos - cos * sum_sin).reshape(shape)
-                out_odd = out_odd + torch.bmm(imag, torch.cat(weights_odd, dim=2))
+            n_chunk = n_int[:, start:stop].to(dtype)
+            mask_chunk = mask[:, start:stop]
+            if self.low_memory and not torch.jit.is_scripting():
+                even, odd = self._k_sum_recomputed(
+                    n_chunk, mask_chunk, reciprocal, prefactor, padded, one_hot_t, to_basis
+                )
+            else:
+                even, odd = self._k_sum(
+                    n_chunk, mask_chunk, reciprocal, prefactor, padded, one_hot_t, to_basis
+                )
+            out_even = out_even + even
+            out_odd = out_odd + odd
 
         out_even = out_even.reshape(n_systems * max_atoms, n_types, width_even)[flat]
         out_odd = out_odd.reshape(n_systems * max_atoms, n_types, width_odd)[flat]
         result: List[torch.Tensor] = []
         offset_even = 0
         offset_odd = 0
-        n_atoms = flat.shape[0]
         for l in range(L + 1):
             width = (2 * l + 1) * n_radial
             if l % 2 == 0:
@@ -360,15 +369,83 @@ class LodeSphericalExpansion(torch.nn.Module):
         # l = 0: the k = 0 term (per neighbour of each type) and the centre atom's
         k0 = self.radial.k0_term.to(dtype)
         center = self.radial.center_term.to(dtype)
-        system_of_atom = torch.cat(
-            [torch.full((n,), i, dtype=torch.int64, device=device) for i, n in enumerate(sizes)]
-        )
         counts = one_hot.sum(dim=1)  # [S, T]
         k0_per_atom = (4.0 * math.pi / volumes[:, None] * counts)[system_of_atom]
-        own = torch.nn.functional.one_hot(type_index, n_types).to(dtype)
         scalar = k0_per_atom[:, :, None] * k0[None, None, :] - own[:, :, None] * center
         result[0] = result[0] + scalar[:, :, None, :]
         return result
+
+    def _k_sum(
+        self,
+        n: torch.Tensor,
+        mask: torch.Tensor,
+        reciprocal: torch.Tensor,
+        prefactor: torch.Tensor,
+        positions: torch.Tensor,
+        one_hot_t: torch.Tensor,
+        to_basis: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """One chunk of the k-sum: the even-l and odd-l coefficients of every (atom,
+        neighbour type), ``[n_systems, max_atoms * n_types, width]`` each."""
+        n_systems = n.shape[0]
+        n_chunk = n.shape[1]
+        max_atoms = positions.shape[1]
+        n_types = one_hot_t.shape[1]
+        k = torch.bmm(n, reciprocal)  # [S, Kc, 3]
+        k_norm = torch.linalg.vector_norm(k, dim=2).reshape(-1)
+        factor = (prefactor[:, None] * mask).reshape(-1)
+        factor = factor * self.radial.density_fourier(k_norm)
+        harmonics = self.spherical_harmonics(k.reshape(-1, 3)) @ to_basis
+        radial = self.radial(k_norm)
+        weights_even: List[torch.Tensor] = []
+        weights_odd: List[torch.Tensor] = []
+        for l in range(self.max_angular + 1):
+            y = harmonics[:, l * l : (l + 1) * (l + 1)]
+            w = (factor[:, None, None] * self._phases[l]) * y[:, :, None]
+            w = (w * radial[l][:, None, :]).reshape(n_systems, n_chunk, -1)
+            if l % 2 == 0:
+                weights_even.append(w)
+            else:
+                weights_odd.append(w)
+
+        # structure factors: sum over the atoms j of each type of cos(k.(r_i - r_j))
+        # (even l) and sin(k.(r_i - r_j)) (odd l), from per-type sums, O(N K)
+        phase = torch.bmm(positions, k.transpose(1, 2))  # [S, N, Kc]
+        cos = torch.cos(phase)
+        sin = torch.sin(phase)
+        sum_cos = torch.bmm(one_hot_t, cos)[:, None, :, :]  # [S, 1, T, Kc]
+        sum_sin = torch.bmm(one_hot_t, sin)[:, None, :, :]
+        cos = cos[:, :, None, :]
+        sin = sin[:, :, None, :]
+        shape = (n_systems, max_atoms * n_types, n_chunk)
+        real = (cos * sum_cos + sin * sum_sin).reshape(shape)
+        even = torch.bmm(real, torch.cat(weights_even, dim=2))
+        if len(weights_odd) == 0:
+            odd = torch.zeros((n_systems, max_atoms * n_types, 0), dtype=even.dtype, device=even.device)
+        else:
+            imag = (sin * sum_cos - cos * sum_sin).reshape(shape)
+            odd = torch.bmm(imag, torch.cat(weights_odd, dim=2))
+        return even, odd
+
+    @torch.jit.unused
+    def _k_sum_recomputed(
+        self,
+        n: torch.Tensor,
+        mask: torch.Tensor,
+        reciprocal: torch.Tensor,
+        prefactor: torch.Tensor,
+        positions: torch.Tensor,
+        one_hot_t: torch.Tensor,
+        to_basis: torch.Tensor,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``_k_sum`` under ``torch.utils.checkpoint``: recomputed in the backward
+        pass instead of saved (``low_memory=True``, eager only)."""
+        import torch.utils.checkpoint
+
+        return torch.utils.checkpoint.checkpoint(
+            self._k_sum, n, mask, reciprocal, prefactor, positions, one_hot_t, to_basis,
+            use_reentrant=False,
+        )
 
     def forward(
         self,
@@ -411,28 +488,24 @@ class LodeSphericalExpansion(torch.nn.Module):
         present[system_host, type_index] = True
 
         # keys: every (center, neighbor) pair occurring in one system, then l
+        key_names = ["o3_lambda", "o3_sigma", "center_type", "neighbor_type"]
         pairs = (present[:, :, None] & present[:, None, :]).any(dim=0)
-        if selected_keys is None:
-            key_list: List[List[int]] = []
-            for a in range(n_types):
-                for b in range(n_types):
-                    if bool(pairs[a, b]):
-                        for l in range(self.max_angular + 1):
-                            key_list.append(
-                                [l, 1, int(batch_types[a]), int(batch_types[b])]
-                            )
-            keys_values = torch.tensor(key_list, dtype=torch.int32).reshape(-1, 4)
-        else:
-            key_names = ["o3_lambda", "o3_sigma", "center_type", "neighbor_type"]
-            if selected_keys.names != key_names:
-                raise ValueError(
-                    f"selected_keys must have the names {key_names}, got "
-                    f"{selected_keys.names}"
-                )
-            keys_values = selected_keys.values.to(torch.device("cpu"), torch.int32)
-
+        key_list: List[List[int]] = []
+        for a in range(n_types):
+            for b in range(n_types):
+                if bool(pairs[a, b]):
+                    for l in range(self.max_angular + 1):
+                        key_list.append([l, 1, int(batch_types[a]), int(batch_types[b])])
+        keys_values = torch.tensor(key_list, dtype=torch.int64).reshape(-1, 4)
+        if selected_keys is not None:
+            if selected_keys.names == key_names:
+                # featomic computes exactly the selected keys, present or not
+                keys_values = selected_keys.values.to(torch.device("cpu"), torch.int64)
+            else:
+                # a selection on some of the key columns filters the batch's keys
+                keys_values = keys_values[_select(selected_keys, key_names, keys_values)]
         dense = self._expansion(
-            systems, cells_host, type_index.to(device), n_types, sizes, e3nn_basis=False
+            systems, cells_host, type_index, n_types, sizes, e3nn_basis=False
         )
 
         sample_mask = torch.ones(system_host.shape[0], dtype=torch.bool)
@@ -442,13 +515,22 @@ class LodeSphericalExpansion(torch.nn.Module):
             )
         property_index: Optional[torch.Tensor] = None
         if selected_properties is not None:
-            all_n = torch.arange(self.n_radial, dtype=torch.int64).reshape(-1, 1)
-            property_mask = _select(selected_properties, ["n"], all_n)
-            property_index = torch.nonzero(property_mask).reshape(-1)
+            if selected_properties.names != ["n"]:
+                raise ValueError(
+                    f"selected_properties must have the single column 'n', got "
+                    f"{selected_properties.names}"
+                )
+            # in the selection's order, as featomic
+            property_index = selected_properties.values.to(torch.device("cpu"), torch.int64)
+            property_index = property_index.reshape(-1)
+            if bool(((property_index < 0) | (property_index >= self.n_radial)).any()):
+                raise ValueError(
+                    f"selected_properties has values of n outside 0..{self.n_radial - 1}"
+                )
 
         samples_by_pair: Dict[str, Tuple[Labels, torch.Tensor]] = {}
         blocks: List[TensorBlock] = []
-        key_rows: List[List[int]] = keys_values.to(torch.int64).tolist()
+        key_rows: List[List[int]] = keys_values.tolist()
         for row in key_rows:
             l, sigma, center, neighbor = row[0], row[1], row[2], row[3]
             if sigma != 1 or l < 0 or l > self.max_angular:
@@ -480,7 +562,7 @@ class LodeSphericalExpansion(torch.nn.Module):
             properties = torch.arange(self.n_radial, dtype=torch.int32).reshape(-1, 1)
             if property_index is not None:
                 values = values.index_select(2, property_index.to(device))
-                properties = properties[property_index]
+                properties = property_index.to(torch.int32).reshape(-1, 1)
             blocks.append(
                 TensorBlock(
                     values=values,
@@ -494,8 +576,7 @@ class LodeSphericalExpansion(torch.nn.Module):
                     properties=Labels(["n"], properties).to(device),
                 )
             )
-        key_names = ["o3_lambda", "o3_sigma", "center_type", "neighbor_type"]
-        return TensorMap(Labels(key_names, keys_values).to(device), blocks)
+        return TensorMap(Labels(key_names, keys_values.to(torch.int32)).to(device), blocks)
 
 
 def _select(selection: Labels, names: List[str], values: torch.Tensor) -> torch.Tensor:
@@ -567,7 +648,7 @@ class LodeToIrreps(torch.nn.Module):
             )
         device = systems[0].positions.device
         dense = calculator._expansion(
-            systems, cells_host, index.to(device), known.shape[0], sizes, self._e3nn_basis
+            systems, cells_host, index, known.shape[0], sizes, self._e3nn_basis
         )
         parts: List[torch.Tensor] = []
         for block in dense:
