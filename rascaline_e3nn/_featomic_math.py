@@ -144,12 +144,15 @@ def gamma(x: float) -> float:
     x = float(x)
     if x < 0.5:
         s = _lanczos_sum_below(x)
-        return math.pi / (
+        denominator = (
             math.sin(math.pi * x)
             * s
             * _TWO_SQRT_E_OVER_PI
             * math.pow((0.5 - x + _GAMMA_R) / math.e, 0.5 - x)
         )
+        if denominator == 0.0:
+            return math.copysign(math.inf, denominator)
+        return math.pi / denominator
     s = _lanczos_sum_above(x)
     return s * _TWO_SQRT_E_OVER_PI * math.pow((x - 0.5 + _GAMMA_R) / math.e, x - 0.5)
 

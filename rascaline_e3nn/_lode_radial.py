@@ -28,7 +28,6 @@ __all__ = ["LodeRadialIntegral", "parse_hypers"]
 MAX_SPLINE_SIZE = 10_000
 """featomic's maximal number of control points in a spline."""
 
-_EULER_EXP = 0.5772156649015328  # the constant featomic's exp1/expi use
 
 
 # ----------------------------------------------------------------------------------
@@ -490,7 +489,8 @@ def _series_1f1(a: float, b: float, x: torch.Tensor) -> torch.Tensor:
         new_term = term * ((a + k) * x / (b + k) / (k + 1.0))
         term = torch.where(active, new_term, term)
         result = torch.where(active, result + term, result)
-        active = active & ~(term.abs() <= fm.EPSILON * result.abs())
+        # 2.220446049250313e-16: f64::EPSILON
+        active = active & ~(term.abs() <= 2.220446049250313e-16 * result.abs())
         if not bool(active.any()):
             converged = True
             break
@@ -535,7 +535,42 @@ def _asymptotic_series_1f1(a: float, b: float, x: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def _chgm_negative(a: float, b: float, x0: torch.Tensor) -> torch.Tensor:
+def hyp1f1_constants(a: float, b: float) -> List[float]:
+    """The ``x``-independent numbers of featomic's ``chgm_fortran`` for ``x < 0``.
+
+    For each of its (at most two) passes: ``gamma(a')``, ``gamma(b)``,
+    ``ln_gamma(b) - ln_gamma(b - a')``, ``exp(ln_gamma(b) - ln_gamma(a'))`` and
+    ``cos(pi a')``, with ``a'`` the shifted parameter of that pass; computed here with
+    featomic's gamma functions so that the torch code needs no special functions.
+    """
+    a = b - a
+    a0 = a
+    nl = 0
+    if a >= 2.0:
+        nl = 1
+        a = a - float(int(a)) - 1.0
+    constants: List[float] = []
+    for _ in range(nl + 1):
+        if a0 >= 2.0:
+            a += 1.0
+        ln_gamma_a = fm.ln_gamma(a)
+        ln_gamma_b = fm.ln_gamma(b)
+        ln_gamma_ba = fm.ln_gamma(b - a)
+        exponent = ln_gamma_b - ln_gamma_a
+        constants += [
+            fm.gamma(a),
+            fm.gamma(b),
+            ln_gamma_b - ln_gamma_ba,
+            0.0 if exponent == -math.inf else math.exp(exponent),
+            math.cos(math.pi * a),
+        ]
+    constants += [0.0] * (10 - len(constants))
+    return constants
+
+
+def _chgm_negative(
+    a: float, b: float, x0: torch.Tensor, constants: List[float]
+) -> torch.Tensor:
     """featomic's ``chgm_fortran`` for ``x0 < 0`` (all elements)."""
     a = b - a
     a0 = a
@@ -569,14 +604,16 @@ def _chgm_negative(a: float, b: float, x0: torch.Tensor) -> torch.Tensor:
         if bool(large.any()):
             xl = torch.where(large, x, torch.full_like(x, 1000.0))
             value = _asymptotic_series_1f1(a, b, xl)
-            value = value * (torch.pow(xl, a - b) * fm.gamma(b) / fm.gamma(a))
+            gamma_a = constants[5 * n]
+            gamma_b = constants[5 * n + 1]
+            value = value * (torch.pow(xl, a - b) * gamma_b / gamma_a)
             result = torch.where(large, value, result)
         if bool(other.any()):
             xo = torch.where(other, x, torch.full_like(x, abs(b) + 31.0))
             x0o = -xo
-            ln_gamma_a = fm.ln_gamma(a)
-            ln_gamma_b = fm.ln_gamma(b)
-            ln_gamma_ba = fm.ln_gamma(b - a)
+            ln_gamma_b_minus_ba = constants[5 * n + 2]
+            e2 = constants[5 * n + 3]
+            cos_pi_a = constants[5 * n + 4]
             sum_1 = torch.ones_like(x)
             sum_2 = torch.ones_like(x)
             term_1 = torch.ones_like(x)
@@ -587,13 +624,10 @@ def _chgm_negative(a: float, b: float, x0: torch.Tensor) -> torch.Tensor:
                 term_2 = -term_2 * (b - a + i - 1.0) * (a - i) / (xo * i)
                 sum_1 = sum_1 + term_1
                 sum_2 = sum_2 + term_2
-            e2 = 0.0
-            if ln_gamma_b - ln_gamma_a != -math.inf:
-                e2 = math.exp(ln_gamma_b - ln_gamma_a)
             hg1 = (
-                torch.exp((ln_gamma_b - ln_gamma_ba) + x0o)
+                torch.exp(ln_gamma_b_minus_ba + x0o)
                 * torch.pow(xo, -a)
-                * math.cos(math.pi * a)
+                * cos_pi_a
                 * sum_1
             )
             hg2 = e2 * torch.pow(xo, a - b) * sum_2
@@ -612,8 +646,11 @@ def _chgm_negative(a: float, b: float, x0: torch.Tensor) -> torch.Tensor:
     return result
 
 
-def _hyp1f1(a: float, b: float, x: torch.Tensor) -> torch.Tensor:
-    """featomic's 1F1(a, b, x) for ``x <= 0``, in differentiable torch operations."""
+def _hyp1f1(a: float, b: float, x: torch.Tensor, constants: List[float]) -> torch.Tensor:
+    """featomic's 1F1(a, b, x) for ``x <= 0``, in differentiable torch operations.
+
+    ``constants`` are :func:`hyp1f1_constants` ``(a, b)``.
+    """
     if a == 0.0:
         return torch.ones_like(x)
     if a == -1.0:
@@ -631,7 +668,7 @@ def _hyp1f1(a: float, b: float, x: torch.Tensor) -> torch.Tensor:
         rest = ~series
         if bool(rest.any()):
             xr = torch.where(rest, x, torch.full_like(x, -(0.9 * b / (abs(a) + 1.0)) - 1.0))
-            result = torch.where(rest, _chgm_negative(a, b, xr), result)
+            result = torch.where(rest, _chgm_negative(a, b, xr, constants), result)
     return torch.where(x == 0.0, torch.ones_like(x), result)
 
 
@@ -651,7 +688,8 @@ def _exp1(x: torch.Tensor) -> torch.Tensor:
         active = active & ~(r.abs() <= e1.abs() * 1e-15)
         if not bool(active.any()):
             break
-    value_small = -_EULER_EXP - torch.log(xs) + xs * e1
+    # -0.5772156649015328: the value of Euler's constant featomic's exp1 uses
+    value_small = -0.5772156649015328 - torch.log(xs) + xs * e1
 
     xl = torch.where(small, torch.full_like(x, 2.0), x)
     m = torch.floor(80.0 / xl) + 20.0
@@ -750,6 +788,15 @@ class LodeRadialIntegral(torch.nn.Module):
         centre's own type); zeros when ``center_atom_weight == 1``.
     """
 
+    n_points: List[int]
+    widths: List[float]
+    hyp_a: List[float]
+    hyp_b: List[float]
+    ratio: List[float]
+    prefactor: List[float]
+    hyp_constants: List[List[float]]
+    spline_accuracy: Optional[float]
+
     def __init__(
         self,
         *,
@@ -807,15 +854,16 @@ class LodeRadialIntegral(torch.nn.Module):
         size = max_radial + 1
         widths = gto_gaussian_widths(size, radius)
         orthonormalization = gto_orthonormalization(size, radius)
-        self.widths: List[float] = widths
+        self.widths = widths
         self.register_buffer("orthonormalization", torch.tensor(orthonormalization))
 
         # per (l, n) constants of the closed form, flattened l-major
         global_factor = math.sqrt(math.pi) / fm.SQRT_2
-        self.hyp_a: List[float] = []
-        self.hyp_b: List[float] = []
-        self.ratio: List[float] = []
-        self.prefactor: List[float] = []
+        self.hyp_a = []
+        self.hyp_b = []
+        self.ratio = []
+        self.prefactor = []
+        self.hyp_constants = []
         for l in range(max_angular + 1):
             for n in range(size):
                 a = 0.5 * float(n + l + 3)
@@ -823,12 +871,13 @@ class LodeRadialIntegral(torch.nn.Module):
                 self.hyp_a.append(a)
                 self.hyp_b.append(b)
                 self.ratio.append(fm.gamma(a) / fm.gamma(b))
+                self.hyp_constants.append(hyp1f1_constants(a, b))
                 self.prefactor.append(
                     global_factor * fm.powi(widths[n], n + 3) * fm.powi(fm.SQRT_2, n)
                 )
 
         # splines, padded to the longest one
-        self.n_points: List[int] = []
+        self.n_points = []
         splines: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         if spline_accuracy is not None:
             for l in range(max_angular + 1):
@@ -896,7 +945,7 @@ class LodeRadialIntegral(torch.nn.Module):
             factor = self.prefactor[i] * _powi(k_sigma_sqrt2, l)
             k_sigma_2 = -k * sigma * sigma
             z = 0.5 * k * k_sigma_2
-            value = self.ratio[i] * _hyp1f1(self.hyp_a[i], self.hyp_b[i], z)
+            value = self.ratio[i] * _hyp1f1(self.hyp_a[i], self.hyp_b[i], z, self.hyp_constants[i])
             columns.append(value * factor)
         values = torch.stack(columns, dim=1)
         return _rows_dot(self.orthonormalization.to(k.dtype), values)
@@ -933,6 +982,7 @@ class LodeRadialIntegral(torch.nn.Module):
             result.append(values.to(dtype))
         return result
 
+    @torch.jit.export
     def density_fourier(self, k: torch.Tensor) -> torch.Tensor:
         """Fourier transform of the smeared power-law density (``compute_density_fourier``).
 
