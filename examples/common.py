@@ -13,6 +13,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 from metatomic.torch import System
+from vesin_torch import NeighborList
 
 NA, CL = 11, 17
 #: side of the conventional cubic cell of rock-salt NaCl (Å)
@@ -151,26 +152,59 @@ def sum_per_system(values: torch.Tensor, system: torch.Tensor,
     return out.index_add(0, system.to(torch.long), values)
 
 
-# -------------------------------------------------------------------- batched edges
+# ---------------------------------------------------------- node features, edges
 
 
-def batch_edges(systems: Sequence[System], cutoff: float, full_list: bool = True
+def rows_to_atoms(x: torch.Tensor, system: torch.Tensor, atom: torch.Tensor,
+                  first: torch.Tensor) -> torch.Tensor:
+    """Rows of ``x`` labelled ``(system, atom)`` (e.g. an adapter's output and its
+    samples) as ``[n_atoms, ...]`` in the order of the systems then their atoms
+    (``first``: from ``first_atoms``); zeros for atoms without a row."""
+    position = first[system.to(torch.long)] + atom.to(torch.long)
+    shape = [int(first[-1])] + list(x.shape[1:])
+    out = torch.zeros(shape, dtype=x.dtype, device=x.device)
+    return out.index_copy(0, position, x)
+
+
+def batch_edges(systems: List[System], cutoff: float, full_list: bool = True
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Edges of every system of a batch within ``cutoff`` (Å), from vesin-torch:
     ``edge_index`` ``[2, n_edges]`` (centre, neighbour; atoms numbered over the
-    batch) and ``edge_vectors`` ``[n_edges, 3]`` (neighbour - centre, periodic images
-    included), differentiable with respect to positions and cell. No self-pairs."""
-    from vesin.torch import NeighborList
-
+    batch, systems then atoms) and ``edge_vectors`` ``[n_edges, 3]`` (neighbour -
+    centre, periodic images included), differentiable with respect to positions and
+    cell. No self-pairs. TorchScript-compatible."""
     calculator = NeighborList(cutoff=cutoff, full_list=full_list)
-    indices, vectors = [], []
+    indices: List[torch.Tensor] = []
+    vectors: List[torch.Tensor] = []
     offset = 0
     for s in systems:
-        periodic = bool(s.pbc.any())
-        box = s.cell if periodic else torch.zeros_like(s.cell)
         pairs, distance_vectors = calculator.compute(
-            points=s.positions, box=box, periodic=periodic, quantities="PD")
+            points=s.positions, box=s.cell, periodic=s.pbc, quantities="PD")
         indices.append(pairs.to(torch.long).T + offset)
         vectors.append(distance_vectors)
         offset += len(s)
     return torch.cat(indices, dim=1), torch.cat(vectors)
+
+
+# ------------------------------------------------------------------------ rotations
+
+
+def accurate_rotation(generator: torch.Generator) -> torch.Tensor:
+    """A random rotation (float64) for which e3nn's ``D_from_matrix`` is accurate to
+    1e-14: e3nn recovers Euler angles from the matrix and loses precision for some
+    rotations (up to ~1e-10 for l = 2), which would hide the equivariance errors of
+    the model under test behind those of the reference."""
+    from e3nn import o3
+
+    # e3nn builds its Wigner matrices in the default dtype
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        for _ in range(1000):
+            q = torch.randn(4, generator=generator, dtype=torch.float64)
+            R = o3.quaternion_to_matrix(q / q.norm())
+            if (o3.Irrep(1, -1).D_from_matrix(R) - R).abs().max() < 1e-14:
+                return R
+    finally:
+        torch.set_default_dtype(default)
+    raise RuntimeError("no rotation with accurate Wigner matrices in 1000 draws")
