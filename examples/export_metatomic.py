@@ -49,6 +49,7 @@ from metatomic.torch import (
 import rascaline_e3nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import atom_indices, replace, rock_salt, sum_per_system  # noqa: E402
 from lode_model import build_model  # noqa: E402
 
 #: the message of the warning the model emits when an engine asks for cell gradients
@@ -91,17 +92,6 @@ class MetatomicEnergy(torch.nn.Module):
         self.stress_message = STRESS_MESSAGE
         self.warned = False
 
-    def _without_cell_gradients(self, system: System) -> System:
-        detached = System(
-            types=system.types,
-            positions=system.positions,
-            cell=system.cell.detach(),
-            pbc=system.pbc,
-        )
-        for request in system.known_neighbor_lists():
-            detached.add_neighbor_list(request, system.get_neighbor_list(request))
-        return detached
-
     def forward(
         self,
         systems: List[System],
@@ -130,7 +120,7 @@ class MetatomicEnergy(torch.nn.Module):
                     term = torch.sqrt((system.cell - system.cell.detach()) ** 2).sum()
                 # a non-periodic system goes on to featomic, whose error names the
                 # reason ("LODE can only be used with periodic systems")
-                system = self._without_cell_gradients(system)
+                system = replace(system, cell=system.cell.detach())
             cell_terms.append(term)
             model_systems.append(system)
 
@@ -159,15 +149,7 @@ class MetatomicEnergy(torch.nn.Module):
         selected_atoms: Optional[Labels],
     ) -> TensorMap:
         device = energies.device
-        system_index = torch.cat(
-            [
-                torch.full((len(s),), i, dtype=torch.int32, device=device)
-                for i, s in enumerate(systems)
-            ]
-        )
-        atom_index = torch.cat(
-            [torch.arange(len(s), dtype=torch.int32, device=device) for s in systems]
-        )
+        system_index, atom_index = atom_indices(systems)
         energies = energies + cell_terms[system_index]
         samples = Labels(["system", "atom"], torch.stack([system_index, atom_index], 1))
 
@@ -185,8 +167,7 @@ class MetatomicEnergy(torch.nn.Module):
                 properties=properties,
             )
         else:
-            totals = torch.zeros(len(systems), dtype=energies.dtype, device=device)
-            totals = totals.index_add(0, samples.values[:, 0], energies)
+            totals = sum_per_system(energies, samples.values[:, 0], len(systems))
             block = TensorBlock(
                 values=totals.reshape(-1, 1),
                 samples=Labels(
@@ -228,21 +209,7 @@ def load_trained(run: str):
 
 def nacl(repeat: int = 1, rattle: float = 0.1, seed: int = 0) -> System:
     """Rock-salt NaCl (a = 5.64 Å, cubic cell of 8 atoms, repeated), atoms displaced."""
-    generator = torch.Generator().manual_seed(seed)
-    base = torch.tensor(
-        [[0, 0, 0], [0, 1, 1], [1, 0, 1], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 1]],
-        dtype=torch.float64,
-    ) * (5.64 / 2)
-    types = [11] * 4 + [17] * 4
-    shifts = torch.cartesian_prod(*[torch.arange(repeat, dtype=torch.float64)] * 3) * 5.64
-    positions = (shifts[:, None, :] + base[None]).reshape(-1, 3)
-    positions += rattle * torch.randn(positions.shape, generator=generator, dtype=torch.float64)
-    return System(
-        types=torch.tensor(types * len(shifts)),
-        positions=positions,
-        cell=torch.eye(3, dtype=torch.float64) * 5.64 * repeat,
-        pbc=torch.tensor([True, True, True]),
-    )
+    return rock_salt(repeat=repeat, rattle=rattle, seed=seed)
 
 
 def export(

@@ -23,6 +23,8 @@ the e3nn layers together, so that a saved model needs neither this package nor t
 
 import copy
 import json
+import os
+import sys
 from typing import Dict, List, Optional, Tuple
 
 import featomic.torch as featomic
@@ -34,6 +36,9 @@ from metatensor.torch import TensorMap
 from metatomic.torch import System
 
 from rascaline_e3nn import TensorMapToIrreps
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import first_atoms, sum_per_system  # noqa: E402
 
 #: default hyper-parameters of the two calculators (featomic's, in Å)
 LODE_DEFAULTS = {
@@ -225,24 +230,20 @@ class EnergyModel(torch.nn.Module):
         system = system.to(torch.long)
         if system_map is not None:
             system = system_map[system]
-        out = torch.zeros(n_systems, dtype=energies.dtype, device=energies.device)
-        return out.index_add(0, system, energies)
+        return sum_per_system(energies, system, n_systems)
 
     @torch.jit.export
     def atomic_energies(self, systems: List[System]) -> torch.Tensor:
         """Per-atom energies ``[total atoms]``, in the order of the systems and, within
         each, of their atoms."""
         energies, system, atom = self.row_energies(self.calculator(systems))
-        counts = torch.tensor([len(s) for s in systems], device=energies.device)
-        offsets = torch.cumsum(counts, 0) - counts
-        position = offsets[system.to(torch.long)] + atom.to(torch.long)
-        out = torch.zeros(int(counts.sum()), dtype=energies.dtype, device=energies.device)
-        return out.index_add(0, position, energies)
+        first = first_atoms(systems)
+        position = first[system.to(torch.long)] + atom.to(torch.long)
+        return sum_per_system(energies, position, int(first[-1]))
 
     def forward(self, systems: List[System]) -> torch.Tensor:
         energies, system, _ = self.row_energies(self.calculator(systems))
-        out = torch.zeros(len(systems), dtype=energies.dtype, device=energies.device)
-        return out.index_add(0, system.to(torch.long), energies)
+        return sum_per_system(energies, system, len(systems))
 
 
 def build_model(kind: str, atom_types: List[int], hypers: Optional[Dict] = None,
@@ -280,8 +281,6 @@ def script_model(model: EnergyModel) -> torch.jit.ScriptModule:
 
 def save_model(model: EnergyModel, config: Dict, directory) -> None:
     """Write ``directory/model.pt`` (scripted) and ``directory/model_config.json``."""
-    import os
-
     script_model(model).save(os.path.join(directory, "model.pt"))
     with open(os.path.join(directory, "model_config.json"), "w") as fd:
         json.dump(config, fd, indent=2)

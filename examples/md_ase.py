@@ -12,9 +12,9 @@ Run with ``python examples/md_ase.py lode-e3nn.pt``.
 
 import argparse
 import os
+import sys
 import time
 
-import ase.build
 import numpy as np
 from ase import units
 from ase.md.velocitydistribution import Stationary
@@ -22,11 +22,8 @@ from ase.md.verlet import VelocityVerlet
 from metatomic_ase import MetatomicCalculator
 from tqdm import tqdm
 
-
-def nacl(repeat: int, rattle: float, seed: int) -> "ase.Atoms":
-    atoms = ase.build.bulk("NaCl", "rocksalt", a=5.64, cubic=True).repeat(repeat)
-    atoms.rattle(stdev=rattle, seed=seed)
-    return atoms
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import rock_salt_atoms  # noqa: E402
 
 
 def main():
@@ -47,7 +44,7 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    atoms = nacl(args.repeat, args.rattle, args.seed)
+    atoms = rock_salt_atoms(repeat=args.repeat, rattle=args.rattle, seed=args.seed)
     extensions = args.extensions if os.path.isdir(args.extensions) else None
     atoms.calc = MetatomicCalculator(args.path, extensions_directory=extensions)
     # Maxwell-Boltzmann momenta, no net momentum

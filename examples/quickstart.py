@@ -12,6 +12,8 @@ Run with ``python examples/quickstart.py``.
 """
 
 import argparse
+import os
+import sys
 
 import featomic.torch as featomic
 import torch
@@ -24,19 +26,13 @@ from rascaline_e3nn.check import DEFAULT_CELL as CELL
 from rascaline_e3nn.check import DEFAULT_POSITIONS as POSITIONS
 from rascaline_e3nn.check import DEFAULT_TYPES as TYPES
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import make_system, rotate  # noqa: E402
 
 
-def make_system(R: torch.Tensor) -> System:
+def transformed(R: torch.Tensor) -> System:
     """The structure with positions and cell transformed by R (proper or improper)."""
-    cell = torch.tensor(CELL, dtype=torch.float64) @ R.T
-    if torch.det(cell) < 0:  # same lattice, right-handed cell vectors
-        cell[0] = -cell[0]
-    return System(
-        types=torch.tensor(TYPES),
-        positions=torch.tensor(POSITIONS, dtype=torch.float64) @ R.T,
-        cell=cell,
-        pbc=torch.tensor([True, True, True]),
-    )
+    return rotate(make_system(TYPES, POSITIONS, CELL), R)
 
 
 def main():
@@ -64,15 +60,15 @@ def main():
     model = torch.nn.Sequential(calculator, to_irreps, o3.Linear(to_irreps.irreps_out, irreps_out))
 
     identity = torch.eye(3)
-    features = calculator([make_system(identity)])
+    features = calculator([transformed(identity)])
     # the flat tensor and the Labels of its rows, from one pass over the metadata
     x, samples = to_irreps.forward_with_samples(features)
     print(f"rows: {samples.names}, shape {tuple(x.shape)}")
 
-    y = model([make_system(identity)])
+    y = model([transformed(identity)])
     R = o3.rand_matrix()
     for name, Q in (("proper", R), ("improper", -R)):
-        y_rotated = model([make_system(Q)])
+        y_rotated = model([transformed(Q)])
         expected = y @ irreps_out.D_from_matrix(Q).T
         error = (y_rotated - expected).abs().max().item()
         print(f"equivariance under a {name} rotation: max error {error:.1e}")

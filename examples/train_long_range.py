@@ -41,9 +41,10 @@ from metatensor.torch import Labels, TensorBlock, TensorMap  # noqa: E402
 from metatomic.torch import System  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from common import CL, NA, make_system, sum_per_system, with_grad_positions  # noqa: E402
+from common import rock_salt as _rock_salt  # noqa: E402
 from lode_model import build_model, model_config, save_model  # noqa: E402
 
-NA, CL = 11, 17
 CHARGES = {NA: 1.0, CL: -1.0}
 #: Madelung constant of rock salt (NaCl), referred to the nearest-neighbour distance
 NACL_MADELUNG = 1.747565
@@ -77,9 +78,7 @@ def ewald(system: System, smearing: float = 1.0, cutoff: float = 6.0,
 
 
 def ewald_energy_and_forces(system: System) -> Tuple[float, torch.Tensor]:
-    positions = system.positions.detach().clone().requires_grad_(True)
-    with_grad = System(types=system.types, positions=positions, cell=system.cell,
-                       pbc=system.pbc)
+    (with_grad,), (positions,) = with_grad_positions([system])
     energy = ewald(with_grad)
     (gradient,) = torch.autograd.grad(energy, positions)
     return float(energy.detach()), -gradient
@@ -87,16 +86,7 @@ def ewald_energy_and_forces(system: System) -> Tuple[float, torch.Tensor]:
 
 def rock_salt(a: float = 5.64, repeat: int = 1) -> System:
     """Perfect NaCl crystal: ``repeat**3`` conventional cubic cells of side ``a`` (Å)."""
-    fractional = torch.tensor(
-        [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5],
-         [0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5], [0.5, 0.5, 0.5]], dtype=torch.float64)
-    shifts = torch.tensor([[i, j, k] for i in range(repeat) for j in range(repeat)
-                           for k in range(repeat)], dtype=torch.float64)
-    positions = ((fractional[None] + shifts[:, None]) * a).reshape(-1, 3)
-    types = torch.tensor([NA] * 4 + [CL] * 4).repeat(repeat**3)
-    return System(types=types, positions=positions,
-                  cell=torch.eye(3, dtype=torch.float64) * a * repeat,
-                  pbc=torch.tensor([True, True, True]))
+    return _rock_salt(a=a, repeat=repeat)
 
 
 def random_box(generator: torch.Generator, n_pairs: int, density: float,
@@ -113,10 +103,7 @@ def random_box(generator: torch.Generator, n_pairs: int, density: float,
         delta -= side * torch.round(delta / side)
         if len(positions) == 0 or delta.norm(dim=1).min() >= min_distance:
             positions = torch.cat([positions, trial[None]])
-    types = torch.tensor([NA, CL] * n_pairs)
-    return System(types=types, positions=positions,
-                  cell=torch.eye(3, dtype=torch.float64) * side,
-                  pbc=torch.tensor([True, True, True]))
+    return make_system([NA, CL] * n_pairs, positions, torch.eye(3, dtype=torch.float64) * side)
 
 
 def make_dataset(n_structures: int, seed: int, min_pairs: int = 4, max_pairs: int = 16,
@@ -202,8 +189,7 @@ class Head(torch.nn.Module):
     def forward(self, x: torch.Tensor, species: torch.Tensor, system: torch.Tensor,
                 n_systems: int) -> torch.Tensor:
         energies = self.model.energies_from_irreps(x, species)
-        out = torch.zeros(n_systems, dtype=energies.dtype, device=energies.device)
-        return out.index_add(0, system, energies)
+        return sum_per_system(energies, system, n_systems)
 
 
 class Timer:
@@ -220,16 +206,6 @@ class Timer:
 
 
 # ------------------------------------------------------------------------ training
-
-
-def with_grad_positions(systems: List[System], device: torch.device):
-    out, positions = [], []
-    for s in systems:
-        p = s.positions.detach().clone().to(device).requires_grad_(True)
-        out.append(System(types=s.types.to(device), positions=p, cell=s.cell.to(device),
-                          pbc=s.pbc.to(device)))
-        positions.append(p)
-    return out, positions
 
 
 def energies_from_features(head, model, features: TensorMap, n_systems: int,

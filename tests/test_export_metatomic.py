@@ -8,7 +8,7 @@ import subprocess
 import sys
 import warnings
 
-import ase.build
+import ase
 import numpy as np
 import pytest
 import torch
@@ -33,6 +33,7 @@ from export_metatomic import (  # noqa: E402
     load_trained,
     nacl,
 )
+from common import rock_salt_atoms, system_from_ase  # noqa: E402
 from lode_model import build_model, model_config, save_model  # noqa: E402
 from _systems import DEVICES  # noqa: E402
 
@@ -73,9 +74,7 @@ def exported(tmp_path_factory):
 
 
 def crystal(seed=0, rattle=0.1):
-    atoms = ase.build.bulk("NaCl", "rocksalt", a=5.64, cubic=True)
-    atoms.rattle(stdev=rattle, seed=seed)
-    return atoms
+    return rock_salt_atoms(rattle=rattle, seed=seed)
 
 
 def calculator(exported, **kwargs):
@@ -232,12 +231,7 @@ def test_ase_energy_forces_against_finite_differences(exported):
     atoms = crystal(seed=4)
     energy, forces = evaluate(atoms, calculator(exported))
     # the zero term added for the stress changes nothing in value
-    system = System(
-        types=torch.tensor(atoms.numbers),
-        positions=torch.tensor(atoms.positions),
-        cell=torch.tensor(atoms.cell.array),
-        pbc=torch.tensor([True, True, True]),
-    )
+    system = system_from_ase(atoms)
     assert abs(energy - model([system]).item()) < 1e-12 * max(1.0, abs(energy))
     assert np.isfinite(forces).all() and np.abs(forces).max() > 1e-3
     per_atom = atoms.get_potential_energies()
