@@ -556,3 +556,50 @@ def test_cuda_to_irreps_reads_the_host_once():
     synchronizing = [w for w in caught if "synchroniz" in str(w.message)]
     # one read (cells and types); the upload of the k-vectors and indices is the other
     assert len(synchronizing) <= 2, [str(w.message) for w in synchronizing]
+
+
+# ---------------------------------------------------------------- the sharp k cutoff
+
+
+def rock_salt(a):
+    """The 8-atom conventional cell of rock salt, side ``a``."""
+    fractions = torch.tensor([[0, 0, 0], [0, 0.5, 0.5], [0.5, 0, 0.5], [0.5, 0.5, 0]],
+                             dtype=torch.float64)
+    return System(
+        types=torch.tensor([11] * 4 + [17] * 4, dtype=torch.int32),
+        positions=torch.cat([fractions, fractions + 0.5]) * a,
+        cell=torch.eye(3, dtype=torch.float64) * a,
+        pbc=torch.tensor([True] * 3),
+    )
+
+
+def test_sharp_k_cutoff_jumps_as_featomic():
+    """The shell of the 24 k-vectors (3, 1, 1) of a cubic cell crosses the default
+    cutoff 1.2 pi / smearing at a = 2 pi sqrt(11) / k_cutoff: the features jump there,
+    by 1e-3 of their largest value, in featomic's descriptor as in this one."""
+    h = hypers(1, 4, 3)
+    side = 2 * np.pi * np.sqrt(11) / (1.2 * np.pi)
+    jumps = []
+    for calculator in [ft.LodeSphericalExpansion(**h), LodeSphericalExpansion(**h)]:
+        below = calculator([rock_salt(side * (1 - 1e-9))])
+        above = calculator([rock_salt(side * (1 + 1e-9))])
+        jumps.append(max(
+            float((x.values - y.values).abs().max()) for x, y in zip(below.blocks(), above.blocks())
+        ) / largest(below))
+    featomic_jump, our_jump = jumps
+    assert 5e-4 < our_jump < 2e-3
+    assert abs(our_jump - featomic_jump) < 1e-9
+
+
+def test_float32_systems_give_float32_features():
+    h = hypers(1, 3, 2, 0.5)
+    systems = random_batch(190, 2)
+    calculator = LodeSphericalExpansion(**h)
+    reference = calculator(systems)
+    single = [System(types=s.types, positions=s.positions.float(), cell=s.cell.float(), pbc=s.pbc)
+              for s in systems]
+    result = calculator(single)
+    scale = largest(reference)
+    for key, block in reference.items():
+        assert result.block(key).values.dtype == torch.float32
+        assert (result.block(key).values.double() - block.values).abs().max() < 1e-5 * scale
