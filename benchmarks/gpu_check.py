@@ -13,6 +13,11 @@ host synchronisations of one forward.
    ``check=True`` under ``"warn"`` (how many warnings, from where), and
    ``Labels.position`` / ``==`` on device Labels under ``"error"``.
 
+4. ``LodeSphericalExpansion.to_irreps`` on rock-salt boxes of 64 to 4096 atoms:
+   the device's result against the CPU's, forward and forward+backward (to the
+   positions) times, the CPU's forward beside them up to 512 atoms, and the
+   synchronising calls of one forward (``"warn"`` mode).
+
 Every part runs on its own (an error is printed and the next part runs); the results
 go to ``$OUT/gpu_results.json`` when ``OUT`` is set.
 
@@ -166,6 +171,8 @@ def main():
     parser.add_argument("--systems", type=int, default=None,
                         help="systems of the featomic-like map (16; 4 on the CPU)")
     parser.add_argument("--atoms", type=int, default=125)
+    parser.add_argument("--lode-sides", type=int, nargs="+", default=[4, 6, 8, 10, 13, 16],
+                        help="LodeSphericalExpansion on rock-salt boxes of side**3 atoms")
     args = parser.parse_args()
     device = args.device
     on_gpu = device.startswith("cuda")
@@ -298,6 +305,47 @@ def main():
         print(f"results: keys == other -> {keys == other}, position -> "
               f"{samples.position(row)} (expected {len(samples) // 2})")
         RESULTS["labels"] = checks
+
+    @part("LodeSphericalExpansion on the device: against the CPU, times, synchronisations")
+    def _():
+        sys.path.insert(0, HERE)
+        from bench_lode import HYPERS, rock_salt
+
+        from rascaline_e3nn import LodeSphericalExpansion
+
+        cpu = LodeSphericalExpansion(**HYPERS)
+        moved = LodeSphericalExpansion(**HYPERS).to(device)
+        direct = moved.to_irreps([11, 17])
+        lode: Dict[str, object] = {}
+        for side in args.lode_sides:
+            n = side ** 3
+            system = rock_salt(side)
+            on_device = system.to(device)
+            expected = cpu.to_irreps([11, 17])([system])
+            error = float((direct([on_device]).cpu() - expected).abs().max()
+                          / expected.abs().max())
+
+            def forward():
+                with torch.no_grad():
+                    return direct([on_device])
+
+            def forward_backward():
+                s = rock_salt(side, requires_grad=True).to(device)
+                return torch.autograd.grad((direct([s]) ** 2).sum(), [s.positions])
+
+            t = {"forward": timed(forward, args.min_time),
+                 "forward_backward": timed(forward_backward, args.min_time)}
+            t_cpu = {}
+            if n <= 512:
+                t_cpu["forward"] = timed(lambda: cpu.to_irreps([11, 17])([system]), args.min_time)
+            syncs = counts_syncs(device, forward)
+            lode[str(n)] = {"relative_error_vs_cpu": error, **t,
+                            "cpu_forward": t_cpu.get("forward"), "syncs": syncs}
+            print(f"LODE {n:5d} atoms: |device - cpu| / max = {error:.1e}, "
+                  f"fwd {1e3 * t['forward']:8.2f} ms, fwd+bwd {1e3 * t['forward_backward']:8.2f} ms"
+                  + (f", cpu fwd {1e3 * t_cpu['forward']:8.2f} ms" if t_cpu else "")
+                  + f", synchronising calls: {syncs['warnings']}", flush=True)
+        RESULTS["lode"] = lode
 
     if os.environ.get("OUT"):
         path = os.path.join(os.environ["OUT"], "gpu_results.json")
