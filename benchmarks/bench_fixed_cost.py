@@ -31,7 +31,7 @@ interruption). The variants:
 The fitted ``b`` of each Python (eager) variant is printed beside the TorchScript one
 as a ratio, its ``a`` as a difference.
 
-    python benchmarks/bench_fixed_cost.py                 # 1 thread, ~4 minutes
+    python benchmarks/bench_fixed_cost.py                 # 1 thread, ~2 minutes
     python benchmarks/bench_fixed_cost.py --quick         # 3 small maps, seconds
 """
 
