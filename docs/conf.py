@@ -26,15 +26,13 @@ extensions = [
 ]
 
 exclude_patterns = ["_build"]
-# the pages of the gallery list the scripts they show with literalinclude, from the
-# examples/ folder next to docs/
+
+# the API reference documents the members each page names, in the order of the source
 autodoc_member_order = "bysource"
 autodoc_typehints = "none"
-autodoc_mock_imports = []
 napoleon_numpy_docstring = True
 napoleon_google_docstring = False
 napoleon_use_rtype = False
 
 html_theme = "furo"
 html_title = f"rascaline-e3nn {release}"
-html_static_path = []
