@@ -78,7 +78,7 @@ def test_hyp1f1_reference_values(case):
 def test_hyp1f1_torch_equals_numpy():
     from rascaline_e3nn._lode_radial import _hyp1f1, hyp1f1_constants
 
-    z = -np.concatenate([[0.0], np.geomspace(1e-4, 2000.0, 300)])
+    z = -np.concatenate([[0.0], np.geomspace(1e-4, 2000.0, 150)])
     for n in range(0, 14):
         for l in range(0, 9):
             a, b = 0.5 * (n + l + 3), l + 1.5
@@ -273,8 +273,8 @@ def test_l1_gradient_at_zero():
 
 @pytest.mark.parametrize("spline_accuracy", [1e-8, None], ids=["spline", "analytic"])
 def test_gradients(spline_accuracy):
-    module = radial_integral(max_angular=3, max_radial=2, spline_accuracy=spline_accuracy)
-    k = torch.tensor([0.0123, 0.7071, 1.9113, 3.3333], dtype=torch.float64, requires_grad=True)
+    module = radial_integral(max_angular=3, max_radial=1, spline_accuracy=spline_accuracy)
+    k = torch.tensor([0.0123, 1.9113, 3.3333], dtype=torch.float64, requires_grad=True)
     def function(k):
         return torch.cat([v.reshape(-1) for v in module(k)])
 
@@ -473,8 +473,10 @@ def test_featomic_harmonics_convention():
 
 def test_k_vectors_half_space():
     _, cell, _ = random_system(3, 4, [1])
-    k = k_vectors(cell, 3.0)
-    assert (np.linalg.norm(k, axis=1) < 3.0).all()
+    norms, directions = k_vectors(cell, 3.0)
+    assert (norms < 3.0).all()
+    np.testing.assert_allclose(np.linalg.norm(directions, axis=1), 1.0, atol=1e-15)
+    k = norms[:, None] * directions
     # together with their opposites, all lattice points of the sphere but 0, once
     n = np.round(k @ cell.T / (2 * math.pi)).astype(int)
     full = {tuple(v) for v in n} | {tuple(-v) for v in n}
