@@ -703,18 +703,38 @@ def _exp1(x: torch.Tensor) -> torch.Tensor:
     return torch.where(small, value_small, value_large)
 
 
+def _interval(positions: torch.Tensor, step: float, x: torch.Tensor) -> torch.Tensor:
+    """Index ``k`` of the spline interval featomic uses for each ``x``.
+
+    The largest ``k`` with ``positions[k] <= x`` (featomic's binary search), at most
+    ``len(positions) - 2``. featomic's control points are a uniform grid of spacing
+    ``step`` up to rounding, so ``floor(x / step)`` is within one of the answer and two
+    rounds of comparisons with the control points make it exact (faster than
+    ``torch.searchsorted`` on the CPU).
+    """
+    last = positions.shape[0] - 2
+    x = x.detach()
+    k = torch.clamp(torch.floor(x / step), 0.0, float(last)).to(torch.long)
+    for _ in range(2):
+        below = torch.index_select(positions, 0, k) > x
+        k = torch.clamp(torch.where(below, k - 1, k), 0, last)
+        above = torch.index_select(positions, 0, k + 1) <= x
+        k = torch.clamp(torch.where(above, k + 1, k), 0, last)
+    return k
+
+
 def _hermite(
     positions: torch.Tensor,
     values: torch.Tensor,
     derivatives: torch.Tensor,
+    step: float,
     x: torch.Tensor,
 ) -> torch.Tensor:
     """featomic's ``HermitCubicSpline::compute``, differentiable with respect to ``x``."""
-    n_points = positions.shape[0]
-    k = torch.searchsorted(positions, x.detach(), right=True) - 1
-    k = torch.clamp(k, 0, n_points - 2)
-    x_k = positions[k]
-    x_k_1 = positions[k + 1]
+    k = _interval(positions, step, x)
+    k_1 = k + 1
+    x_k = torch.index_select(positions, 0, k)
+    x_k_1 = torch.index_select(positions, 0, k_1)
     delta = x_k_1 - x_k
     t = (x - x_k) / delta
     t_2 = t * t
@@ -725,10 +745,10 @@ def _hermite(
     h11 = (t_3 - t_2).unsqueeze(1)
     delta = delta.unsqueeze(1)
     return (
-        h00 * values[k]
-        + h10 * delta * derivatives[k]
-        + h01 * values[k + 1]
-        + h11 * delta * derivatives[k + 1]
+        h00 * torch.index_select(values, 0, k)
+        + h10 * delta * torch.index_select(derivatives, 0, k)
+        + h01 * torch.index_select(values, 0, k_1)
+        + h11 * delta * torch.index_select(derivatives, 0, k_1)
     )
 
 
@@ -975,6 +995,7 @@ class LodeRadialIntegral(torch.nn.Module):
                     self.spline_positions[l, :n_points].to(torch.float64),
                     self.spline_values[l, :n_points].to(torch.float64),
                     self.spline_derivatives[l, :n_points].to(torch.float64),
+                    self.k_cutoff / float(n_points - 1),
                     k64,
                 )
             else:

@@ -246,6 +246,29 @@ def test_spline_control_points():
     )
 
 
+def test_spline_interval():
+    """The interval is featomic's: largest k with positions[k] <= x, at most P - 2."""
+    from rascaline_e3nn._lode_radial import _interval
+
+    module = radial_integral(max_angular=3, max_radial=1)
+    for l, n_points in enumerate(module.n_points):
+        positions = module.spline_positions[l, :n_points]
+        x = torch.cat(
+            [
+                positions,
+                (positions[:-1] + positions[1:]) / 2,
+                torch.nextafter(positions, torch.tensor(-1.0, dtype=torch.float64)),
+                torch.nextafter(positions, torch.tensor(10.0, dtype=torch.float64)),
+                torch.rand(1000, dtype=torch.float64) * module.k_cutoff * 1.1,
+                torch.tensor([0.0, -1e-300, -0.5], dtype=torch.float64),
+            ]
+        )
+        expected = torch.searchsorted(positions, x, right=True) - 1
+        expected = torch.clamp(expected, 0, n_points - 2)
+        step = module.k_cutoff / (n_points - 1)
+        assert torch.equal(_interval(positions, step, x), expected)
+
+
 def test_spline_size_limit():
     with pytest.raises(ValueError, match="failed to reach requested accuracy"):
         radial_integral(max_angular=0, max_radial=1, spline_accuracy=1e-30)
