@@ -344,7 +344,9 @@ def test_featomic_erfc():
     from rascaline_e3nn._lode_radial import _featomic_erfc
 
     module = radial_integral(exponent=2, max_angular=0, max_radial=0)
-    z = np.concatenate([[0.0, 1e-12, 0.3, 0.5, 0.75], np.linspace(0.01, 27.0, 2000), [110.0, 200.0]])
+    z = np.concatenate(
+        [[0.0, 1e-12, 0.3, 0.5, 0.75], np.linspace(0.01, 27.0, 2000), [110.0, 200.0]]
+    )
     actual = _featomic_erfc(
         torch.tensor(z), module.erf_numerators, module.erf_denominators, module.erf_intervals
     ).numpy()
