@@ -669,7 +669,9 @@ def _hyp1f1(a: float, b: float, x: torch.Tensor, constants: List[float]) -> torc
         if bool(rest.any()):
             xr = torch.where(rest, x, torch.full_like(x, -(0.9 * b / (abs(a) + 1.0)) - 1.0))
             result = torch.where(rest, _chgm_negative(a, b, xr, constants), result)
-    return torch.where(x == 0.0, torch.ones_like(x), result)
+    # featomic returns 1 for x == 0: so do all the branches above (the series stops at
+    # its first term), and their derivatives at 0 stay right
+    return result
 
 
 def _exp1(x: torch.Tensor) -> torch.Tensor:

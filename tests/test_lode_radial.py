@@ -297,7 +297,7 @@ def test_l1_gradient_at_zero():
 @pytest.mark.parametrize("spline_accuracy", [1e-8, None], ids=["spline", "analytic"])
 def test_gradients(spline_accuracy):
     module = radial_integral(max_angular=3, max_radial=1, spline_accuracy=spline_accuracy)
-    k = torch.tensor([0.0123, 1.9113, 3.3333], dtype=torch.float64, requires_grad=True)
+    k = torch.tensor([0.0, 0.0123, 1.9113, 3.3333], dtype=torch.float64, requires_grad=True)
     def function(k):
         return torch.cat([v.reshape(-1) for v in module(k)])
 
