@@ -305,6 +305,13 @@ def _spline_evaluate(
     )
 
 
+def _rust_exp(value: float) -> str:
+    """``value`` as Rust's ``{:e}`` writes it (shortest digits, e.g. ``1.5e-14``)."""
+    text = np.format_float_scientific(float(value), unique=True, trim="-")
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def spline_with_accuracy(function, start: float, stop: float, accuracy: float):
     """featomic's ``HermitCubicSpline::with_accuracy``.
 
@@ -360,9 +367,9 @@ def spline_with_accuracy(function, start: float, stop: float, accuracy: float):
             break
         if positions.shape[0] + midpoints.shape[0] > MAX_SPLINE_SIZE:
             raise ValueError(
-                f"failed to reach requested accuracy ({accuracy:e}) in spline "
-                f"interpolation, mean absolute error is {mean_absolute:e} and mean "
-                f"relative error is {mean_relative:e}"
+                f"failed to reach requested accuracy ({_rust_exp(accuracy)}) in spline "
+                f"interpolation, mean absolute error is {_rust_exp(mean_absolute)} and "
+                f"mean relative error is {_rust_exp(mean_relative)}"
             )
         n_old = positions.shape[0]
         merged_positions = np.empty(2 * n_old - 1)

@@ -270,8 +270,16 @@ def test_spline_interval():
 
 
 def test_spline_size_limit():
-    with pytest.raises(ValueError, match="failed to reach requested accuracy"):
-        radial_integral(max_angular=0, max_radial=1, spline_accuracy=1e-30)
+    featomic_torch = pytest.importorskip("featomic.torch")
+    # 5121 points reach 1e-13; 1e-14 would need more than 10000
+    assert radial_integral(max_angular=0, max_radial=3, spline_accuracy=1e-13).n_points == [5121]
+    hypers = (density(1), basis(0, 3, spline_accuracy=1e-14))
+    with pytest.raises(RuntimeError) as featomic_error:
+        featomic_torch.LodeSphericalExpansion(density=hypers[0], basis=hypers[1])
+    with pytest.raises(ValueError, match="failed to reach requested accuracy") as error:
+        LodeRadialIntegral(**parse_hypers(*hypers))
+    # same message, same mean errors
+    assert str(error.value) in str(featomic_error.value)
     with pytest.raises(ValueError, match="spline_accuracy"):
         radial_integral(max_angular=0, max_radial=1, spline_accuracy=-1.0)
 
