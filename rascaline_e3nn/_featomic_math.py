@@ -1,8 +1,8 @@
 """Float64 ports of the special functions featomic's LODE radial integral uses.
 
 featomic (``featomic/src/math``) evaluates its own gamma function (a Lanczos
-approximation), confluent and Gauss hypergeometric functions, exponential integral
-and symmetric eigen decomposition. Reproducing its results to the last digits needs the
+approximation), confluent and Gauss hypergeometric functions, exponential integral,
+complementary error function and symmetric eigen decomposition. Reproducing its results to the last digits needs the
 same algorithms with the same order of floating-point operations, which this module
 provides for the construction of :class:`rascaline_e3nn._lode_radial.LodeRadialIntegral`
 (numpy and pure Python, float64, no autograd).
