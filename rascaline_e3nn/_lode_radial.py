@@ -1032,6 +1032,19 @@ class LodeRadialIntegral(torch.nn.Module):
             for upper, offset, _, b in fm.ERF_INTERVALS
         ]
 
+    def extra_repr(self) -> str:
+        spline = (
+            f"spline_accuracy={self.spline_accuracy}, n_points={self.n_points}"
+            if self.use_spline
+            else "spline_accuracy=None"
+        )
+        return (
+            f"max_angular={self.max_angular}, max_radial={self.max_radial}, "
+            f"radius={self.radius}, smearing={self.smearing}, exponent={self.exponent}, "
+            f"center_atom_weight={self.center_atom_weight}, k_cutoff={self.k_cutoff}, "
+            f"{spline}"
+        )
+
     def _analytic(self, k: torch.Tensor, l: int) -> torch.Tensor:
         size = self.max_radial + 1
         columns: List[torch.Tensor] = []
