@@ -12,7 +12,11 @@ expansion needs: the k = 0 contribution and the centre-atom contribution.
 Everything derived at construction is computed in float64 with ports of featomic's own
 special functions (:mod:`rascaline_e3nn._featomic_math`), in featomic's order of
 operations. ``forward`` and ``density_fourier`` use torch operations only: they are
-differentiable with respect to ``k`` (twice), scriptable, and run on any device.
+differentiable with respect to ``k`` (twice), scriptable, and run on any device with
+float64 support (they compute in float64 and return ``k``'s dtype). The spline path
+and ``density_fourier`` have no data-dependent control flow, hence no device
+synchronisation; the closed form (``spline_accuracy=None``) iterates its series until
+every element has converged.
 """
 
 import math
@@ -305,6 +309,13 @@ def _spline_evaluate(
     )
 
 
+def _rust_exp(value: float) -> str:
+    """``value`` as Rust's ``{:e}`` writes it (shortest digits, e.g. ``1.5e-14``)."""
+    text = np.format_float_scientific(float(value), unique=True, trim="-")
+    mantissa, exponent = text.split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
 def spline_with_accuracy(function, start: float, stop: float, accuracy: float):
     """featomic's ``HermitCubicSpline::with_accuracy``.
 
@@ -360,9 +371,9 @@ def spline_with_accuracy(function, start: float, stop: float, accuracy: float):
             break
         if positions.shape[0] + midpoints.shape[0] > MAX_SPLINE_SIZE:
             raise ValueError(
-                f"failed to reach requested accuracy ({accuracy:e}) in spline "
-                f"interpolation, mean absolute error is {mean_absolute:e} and mean "
-                f"relative error is {mean_relative:e}"
+                f"failed to reach requested accuracy ({_rust_exp(accuracy)}) in spline "
+                f"interpolation, mean absolute error is {_rust_exp(mean_absolute)} and "
+                f"mean relative error is {_rust_exp(mean_relative)}"
             )
         n_old = positions.shape[0]
         merged_positions = np.empty(2 * n_old - 1)
@@ -669,7 +680,9 @@ def _hyp1f1(a: float, b: float, x: torch.Tensor, constants: List[float]) -> torc
         if bool(rest.any()):
             xr = torch.where(rest, x, torch.full_like(x, -(0.9 * b / (abs(a) + 1.0)) - 1.0))
             result = torch.where(rest, _chgm_negative(a, b, xr, constants), result)
-    return torch.where(x == 0.0, torch.ones_like(x), result)
+    # featomic returns 1 for x == 0: so do all the branches above (the series stops at
+    # its first term), and their derivatives at 0 stay right
+    return result
 
 
 def _exp1(x: torch.Tensor) -> torch.Tensor:
@@ -685,9 +698,8 @@ def _exp1(x: torch.Tensor) -> torch.Tensor:
         new_r = -r * k * xs / (d1 * d1)
         r = torch.where(active, new_r, r)
         e1 = torch.where(active, e1 + r, e1)
+        # converged elements stay frozen: all 25 steps run, without a device sync
         active = active & ~(r.abs() <= e1.abs() * 1e-15)
-        if not bool(active.any()):
-            break
     # -0.5772156649015328: the value of Euler's constant featomic's exp1 uses
     value_small = -0.5772156649015328 - torch.log(xs) + xs * e1
 
@@ -703,18 +715,86 @@ def _exp1(x: torch.Tensor) -> torch.Tensor:
     return torch.where(small, value_small, value_large)
 
 
+def _horner(z: torch.Tensor, coefficients: List[float]) -> torch.Tensor:
+    """featomic's ``evaluate_polynomial`` (coefficients from the lowest degree)."""
+    n = len(coefficients)
+    total = torch.full_like(z, coefficients[n - 1])
+    for i in range(n - 2, -1, -1):
+        total = coefficients[i] + z * total
+    return total
+
+
+def _featomic_erfc(
+    z: torch.Tensor,
+    numerators: List[List[float]],
+    denominators: List[List[float]],
+    intervals: List[List[float]],
+) -> torch.Tensor:
+    """featomic's ``erfc`` for ``z >= 0``, in differentiable torch operations.
+
+    featomic's rational approximations (from statrs/Boost) with constants truncated to
+    ten digits: accurate to ~1e-10 relative only, but reproducing them makes the
+    densities of even exponents equal featomic's to the last digits. ``numerators`` and
+    ``denominators`` are the tables of the 14 intervals (``A`` for ``z < 0.5`` first),
+    ``intervals`` the ``[upper, offset, b]`` of the 13 others.
+    """
+    small = z < 0.5
+    zs = torch.where(small, z, torch.full_like(z, 0.25))
+    ratio = _horner(zs, numerators[0]) / _horner(zs, denominators[0])
+    value_small = 1.0 - (zs * 1.125 + zs * ratio)
+    # 0.003379167095512573896158903121545171688: featomic's slope below 1e-10
+    value_tiny = 1.0 - (zs * 1.125 + zs * 0.003379167095512573896158903121545171688)
+    value_small = torch.where(zs < 1e-10, value_tiny, value_small)
+
+    result = torch.where(small, value_small, torch.zeros_like(z))
+    lower = 0.5
+    for i in range(len(intervals)):
+        upper = intervals[i][0]
+        offset = intervals[i][1]
+        b = intervals[i][2]
+        inside = (z >= lower) & (z < upper)
+        # every interval is evaluated (no data-dependent branch, no device sync)
+        zi = torch.where(inside, z, torch.full_like(z, 0.5 * (lower + upper)))
+        shifted = zi - offset
+        r = _horner(shifted, numerators[i + 1]) / _horner(shifted, denominators[i + 1])
+        g = torch.exp(-zi * zi) / zi
+        result = torch.where(inside, g * b + g * r, result)
+        lower = upper
+    return result
+
+
+def _interval(positions: torch.Tensor, step: float, x: torch.Tensor) -> torch.Tensor:
+    """Index ``k`` of the spline interval featomic uses for each ``x``.
+
+    The largest ``k`` with ``positions[k] <= x`` (featomic's binary search), at most
+    ``len(positions) - 2``. featomic's control points are a uniform grid of spacing
+    ``step`` up to rounding, so ``floor(x / step)`` is within one of the answer and two
+    rounds of comparisons with the control points make it exact (faster than
+    ``torch.searchsorted`` on the CPU).
+    """
+    last = positions.shape[0] - 2
+    x = x.detach()
+    k = torch.clamp(torch.floor(x / step), 0.0, float(last)).to(torch.long)
+    for _ in range(2):
+        below = torch.index_select(positions, 0, k) > x
+        k = torch.clamp(torch.where(below, k - 1, k), 0, last)
+        above = torch.index_select(positions, 0, k + 1) <= x
+        k = torch.clamp(torch.where(above, k + 1, k), 0, last)
+    return k
+
+
 def _hermite(
     positions: torch.Tensor,
     values: torch.Tensor,
     derivatives: torch.Tensor,
+    step: float,
     x: torch.Tensor,
 ) -> torch.Tensor:
     """featomic's ``HermitCubicSpline::compute``, differentiable with respect to ``x``."""
-    n_points = positions.shape[0]
-    k = torch.searchsorted(positions, x.detach(), right=True) - 1
-    k = torch.clamp(k, 0, n_points - 2)
-    x_k = positions[k]
-    x_k_1 = positions[k + 1]
+    k = _interval(positions, step, x)
+    k_1 = k + 1
+    x_k = torch.index_select(positions, 0, k)
+    x_k_1 = torch.index_select(positions, 0, k_1)
     delta = x_k_1 - x_k
     t = (x - x_k) / delta
     t_2 = t * t
@@ -725,10 +805,10 @@ def _hermite(
     h11 = (t_3 - t_2).unsqueeze(1)
     delta = delta.unsqueeze(1)
     return (
-        h00 * values[k]
-        + h10 * delta * derivatives[k]
-        + h01 * values[k + 1]
-        + h11 * delta * derivatives[k + 1]
+        h00 * torch.index_select(values, 0, k)
+        + h10 * delta * torch.index_select(derivatives, 0, k)
+        + h01 * torch.index_select(values, 0, k_1)
+        + h11 * delta * torch.index_select(derivatives, 0, k_1)
     )
 
 
@@ -776,6 +856,11 @@ class LodeRadialIntegral(torch.nn.Module):
         Reciprocal-space cutoff: the spline covers ``[0, k_cutoff]``.
     spline_accuracy : float or None
         Accuracy of featomic's spline, or ``None`` for the analytic form.
+    featomic_erfc : bool
+        For even exponents >= 2, evaluate ``erfc`` with featomic's own approximation
+        (accurate to ~1e-10 relative, like featomic's results) rather than
+        :func:`torch.special.erfc` (~1e-16): the densities then equal featomic's to the
+        last digits instead of ~1e-10.
 
     Attributes
     ----------
@@ -796,6 +881,9 @@ class LodeRadialIntegral(torch.nn.Module):
     prefactor: List[float]
     hyp_constants: List[List[float]]
     spline_accuracy: Optional[float]
+    erf_numerators: List[List[float]]
+    erf_denominators: List[List[float]]
+    erf_intervals: List[List[float]]
 
     def __init__(
         self,
@@ -808,6 +896,7 @@ class LodeRadialIntegral(torch.nn.Module):
         center_atom_weight: float,
         k_cutoff: float,
         spline_accuracy: Optional[float],
+        featomic_erfc: bool = True,
     ):
         super().__init__()
         max_angular = _as_int(max_angular, "max_angular")
@@ -934,6 +1023,27 @@ class LodeRadialIntegral(torch.nn.Module):
                 / fm.gamma(0.5 * p)
             )
         self.smearing_squared = smearing_squared
+        self.featomic_erfc = bool(featomic_erfc)
+        letters = ["A"] + [interval[2] for interval in fm.ERF_INTERVALS]
+        self.erf_numerators = [[float(c) for c in fm.ERF_TABLES[l + "N"]] for l in letters]
+        self.erf_denominators = [[float(c) for c in fm.ERF_TABLES[l + "D"]] for l in letters]
+        self.erf_intervals = [
+            [float(upper), float(offset), float(b)]
+            for upper, offset, _, b in fm.ERF_INTERVALS
+        ]
+
+    def extra_repr(self) -> str:
+        spline = (
+            f"spline_accuracy={self.spline_accuracy}, n_points={self.n_points}"
+            if self.use_spline
+            else "spline_accuracy=None"
+        )
+        return (
+            f"max_angular={self.max_angular}, max_radial={self.max_radial}, "
+            f"radius={self.radius}, smearing={self.smearing}, exponent={self.exponent}, "
+            f"center_atom_weight={self.center_atom_weight}, k_cutoff={self.k_cutoff}, "
+            f"{spline}"
+        )
 
     def _analytic(self, k: torch.Tensor, l: int) -> torch.Tensor:
         size = self.max_radial + 1
@@ -975,6 +1085,7 @@ class LodeRadialIntegral(torch.nn.Module):
                     self.spline_positions[l, :n_points].to(torch.float64),
                     self.spline_values[l, :n_points].to(torch.float64),
                     self.spline_derivatives[l, :n_points].to(torch.float64),
+                    self.k_cutoff / float(n_points - 1),
                     k64,
                 )
             else:
@@ -1008,27 +1119,35 @@ class LodeRadialIntegral(torch.nn.Module):
             return (factor * (torch.exp(-0.5 * k2 * s2) / k2)).to(dtype)
         x = 0.5 * k2 * s2
         sqrt_pi = math.sqrt(math.pi)
+        erfc_sqrt_x = torch.zeros_like(x)
+        if p % 2 == 0:
+            if self.featomic_erfc:
+                erfc_sqrt_x = _featomic_erfc(
+                    torch.sqrt(x), self.erf_numerators, self.erf_denominators, self.erf_intervals
+                )
+            else:
+                erfc_sqrt_x = torch.special.erfc(torch.sqrt(x))
         if p == 2:
-            value = torch.sqrt(math.pi / x) * torch.special.erfc(torch.sqrt(x))
+            value = torch.sqrt(math.pi / x) * erfc_sqrt_x
         elif p == 3:
             value = _exp1(x)
         elif p == 4:
             value = 2.0 * (
-                torch.exp(-x) - torch.sqrt(math.pi * x) * torch.special.erfc(torch.sqrt(x))
+                torch.exp(-x) - torch.sqrt(math.pi * x) * erfc_sqrt_x
             )
         elif p == 5:
             value = torch.exp(-x) - x * _exp1(x)
         elif p == 6:
             value = (
                 (2.0 - 4.0 * x) * torch.exp(-x)
-                + 4.0 * sqrt_pi * torch.pow(x, 1.5) * torch.special.erfc(torch.sqrt(x))
+                + 4.0 * sqrt_pi * torch.pow(x, 1.5) * erfc_sqrt_x
             ) / 3.0
         elif p == 7:
             value = (1.0 - x) * torch.exp(-x) / 2.0 + (x * x) / 2.0 * _exp1(x)
         elif p == 8:
             value = -2.0 / 15.0 * (
                 (-3.0 + 2.0 * x - 4.0 * (x * x)) * torch.exp(-x)
-                + 4.0 * sqrt_pi * torch.pow(x, 2.5) * torch.special.erfc(torch.sqrt(x))
+                + 4.0 * sqrt_pi * torch.pow(x, 2.5) * erfc_sqrt_x
             )
         else:
             value = (x * x - x + 2.0) * torch.exp(-x) / 6.0 - (x * (x * x)) / 6.0 * _exp1(x)
