@@ -208,3 +208,64 @@ def accurate_rotation(generator: torch.Generator) -> torch.Tensor:
     finally:
         torch.set_default_dtype(default)
     raise RuntimeError("no rotation with accurate Wigner matrices in 1000 draws")
+
+
+def parity_flipped(irreps):
+    """``irreps`` with every parity reversed (``1x0e + 1x1o`` -> ``1x0o + 1x1e``): the
+    representation of a model that ignored parity."""
+    from e3nn import o3
+
+    return o3.Irreps([(mul, (ir.l, -ir.p)) for mul, ir in o3.Irreps(irreps)])
+
+
+def outputs_and_forces(model, systems: Sequence[System]):
+    """``model(systems)`` (per-atom outputs), ``model.energies(systems)`` and the forces
+    (autograd), all detached."""
+    systems, positions = with_grad_positions(systems)
+    per_atom = model(systems)
+    energies = model.energies(systems)
+    forces = torch.autograd.grad(-energies.sum(), positions)
+    return per_atom.detach(), energies.detach(), torch.cat(forces)
+
+
+def check_rotations(model, systems: Sequence[System], irreps_out, n_rotations: int,
+                    seed: int, progress: bool = True):
+    """Equivariance of ``model`` (``model(systems)``: per-atom outputs of
+    ``irreps_out``, systems then atoms; ``model.energies(systems)``) under
+    ``n_rotations`` random rotations R, each applied as R (proper) and -R (improper) to
+    positions and cells. Returns the outputs, energies and forces of ``systems`` and
+    the largest errors per kind: energies (absolute), forces and per-atom outputs
+    (relative to their largest value) against ``irreps_out.D_from_matrix(R)``; for
+    improper rotations also the smallest error of a reference that ignores the
+    outputs' parity (a control: it must be large)."""
+    from e3nn import o3
+    from tqdm import tqdm
+
+    irreps_out = o3.Irreps(irreps_out)
+    wrong = parity_flipped(irreps_out)
+    per_atom, energies, forces = outputs_and_forces(model, systems)
+    scale = per_atom.abs().max()
+    generator = torch.Generator().manual_seed(seed)
+    errors = {k: {"energy": 0.0, "forces": 0.0, "per_atom": 0.0}
+              for k in ("proper", "improper")}
+    errors["improper"]["per_atom_parity_ignored"] = float("inf")
+    trials = [(accurate_rotation(generator), kind) for _ in range(n_rotations)
+              for kind in ("proper", "improper")]
+    for R, kind in tqdm(trials, desc="rotations", disable=not progress, leave=False):
+        if kind == "improper":
+            R = -R
+        per_atom_r, energies_r, forces_r = outputs_and_forces(
+            model, [rotate(s, R) for s in systems])
+        e = errors[kind]
+        e["energy"] = max(e["energy"], float((energies_r - energies).abs().max()))
+        e["forces"] = max(e["forces"], float((forces_r - forces @ R.T).abs().max()
+                                             / forces.abs().max()))
+        D = irreps_out.D_from_matrix(R).to(per_atom.dtype)
+        e["per_atom"] = max(e["per_atom"],
+                            float((per_atom_r - per_atom @ D.T).abs().max() / scale))
+        if kind == "improper":
+            D = wrong.D_from_matrix(R).to(per_atom.dtype)
+            e["per_atom_parity_ignored"] = min(
+                e["per_atom_parity_ignored"],
+                float((per_atom_r - per_atom @ D.T).abs().max() / scale))
+    return per_atom, energies, forces, errors
