@@ -118,6 +118,31 @@ def rock_salt_atoms(a: float = NACL_A, repeat: int = 1, rattle: float = 0.0,
     return atoms
 
 
+def structures(repeat: int = 1) -> List[System]:
+    """Two small periodic structures of the gallery examples: the water-sodium box
+    embedded in ``rascaline_e3nn.check`` (skewed cell, 7 atoms) and rock-salt NaCl
+    (``repeat**3`` cubic cells of 8 atoms) rattled by 0.2 Å."""
+    from rascaline_e3nn.check import DEFAULT_CELL, DEFAULT_POSITIONS, DEFAULT_TYPES
+
+    return [make_system(DEFAULT_TYPES, DEFAULT_POSITIONS, DEFAULT_CELL),
+            rock_salt(repeat=repeat, rattle=0.2, seed=1)]
+
+
+def lode_calculator(max_angular: int = 2, max_radial: int = 3, smearing: float = 1.0):
+    """featomic-torch's ``LodeSphericalExpansion`` of a smeared 1/r potential (Å),
+    ``max_radial + 1`` GTO radial functions."""
+    import featomic.torch as featomic
+
+    return featomic.LodeSphericalExpansion(
+        density={"type": "SmearedPowerLaw", "smearing": smearing, "exponent": 1},
+        basis={
+            "type": "TensorProduct",
+            "max_angular": max_angular,
+            "radial": {"type": "Gto", "max_radial": max_radial, "radius": 3.0},
+        },
+    )
+
+
 # ------------------------------------------------- per-atom indices, per-system sums
 
 

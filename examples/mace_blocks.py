@@ -78,11 +78,12 @@ from common import (  # noqa: E402
     batch_edges,
     check_rotations,
     first_atoms,
+    lode_calculator,
     parity_flipped,
     rows_to_atoms,
+    structures,
     sum_per_system,
 )
-from vesin_convolution import lode_calculator, structures  # noqa: E402
 
 OUTPUT_IRREPS = o3.Irreps("1x0e + 1x1o")
 

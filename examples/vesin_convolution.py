@@ -31,7 +31,6 @@ import sys
 import time
 from typing import List
 
-import featomic.torch as featomic
 import torch
 from e3nn import nn as e3nn_nn
 from e3nn import o3
@@ -39,33 +38,21 @@ from e3nn.util.jit import compile as e3nn_compile
 from metatomic.torch import System
 
 from rascaline_e3nn import TensorMapToIrreps
-from rascaline_e3nn.check import DEFAULT_CELL, DEFAULT_POSITIONS, DEFAULT_TYPES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     batch_edges,
     check_rotations,
     first_atoms,
-    make_system,
+    lode_calculator,
     parity_flipped,
-    rock_salt,
     rows_to_atoms,
+    structures,
     sum_per_system,
 )
 
 #: the per-atom outputs: an energy, a vector, a symmetric traceless tensor
 OUTPUT_IRREPS = o3.Irreps("1x0e + 1x1o + 1x2e")
-
-
-def lode_calculator(max_angular: int = 2, max_radial: int = 3):
-    return featomic.LodeSphericalExpansion(
-        density={"type": "SmearedPowerLaw", "smearing": 1.0, "exponent": 1},
-        basis={
-            "type": "TensorProduct",
-            "max_angular": max_angular,
-            "radial": {"type": "Gto", "max_radial": max_radial, "radius": 3.0},
-        },
-    )
 
 
 class RadialMLP(torch.nn.Module):
@@ -155,13 +142,6 @@ class ConvolutionModel(torch.nn.Module):
         system = torch.cat([torch.full((len(s),), i, device=s.positions.device)
                             for i, s in enumerate(systems)])
         return sum_per_system(self.forward(systems)[:, 0], system, len(systems))
-
-
-def structures(repeat: int = 1) -> List[System]:
-    """The water-sodium box embedded in ``rascaline_e3nn.check`` (skewed cell) and a
-    rattled rock-salt NaCl crystal (``repeat**3`` cubic cells)."""
-    return [make_system(DEFAULT_TYPES, DEFAULT_POSITIONS, DEFAULT_CELL),
-            rock_salt(repeat=repeat, rattle=0.2, seed=1)]
 
 
 def main(argv=None):
