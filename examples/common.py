@@ -294,3 +294,43 @@ def check_rotations(model, systems: Sequence[System], irreps_out, n_rotations: i
                 e["per_atom_parity_ignored"],
                 float((per_atom_r - per_atom @ D.T).abs().max() / scale))
     return per_atom, energies, forces, errors
+
+
+def plot_errors(rows, path: str, title: str) -> None:
+    """A bar chart (log scale) of equivariance errors: ``rows`` maps a label to a
+    value; labels containing "ignored" (controls, expected large) are drawn apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(rows)
+    values = [max(float(rows[k]), 1e-17) for k in labels]
+    colours = ["tab:red" if "ignored" in k else "tab:blue" for k in labels]
+    fig, ax = plt.subplots(figsize=(7.2, 0.9 + 0.4 * len(labels)), dpi=120)
+    ax.barh(range(len(labels)), values, color=colours)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(1e-17, 1e1)
+    ax.axvline(2.2e-16, color="grey", linestyle=":", linewidth=1)
+    ax.text(2.2e-16, len(labels) - 0.4, " float64 epsilon", fontsize=7, color="grey")
+    ax.set_xlabel("largest error (relative; energies absolute)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="x", which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def error_rows(errors) -> dict:
+    """``check_rotations``' errors as labelled rows for ``plot_errors``."""
+    rows = {}
+    for kind in ("proper", "improper"):
+        for name, value in errors[kind].items():
+            if name == "per_atom_parity_ignored":
+                continue
+            rows[f"{name.replace('_', '-')}, {kind}"] = value
+    rows["per-atom, improper, parity ignored (control)"] = \
+        errors["improper"]["per_atom_parity_ignored"]
+    return rows

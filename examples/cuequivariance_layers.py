@@ -40,6 +40,7 @@ from common import (  # noqa: E402
     accurate_rotation,
     lode_calculator,
     parity_flipped,
+    plot_errors,
     rotate,
     structures,
 )
@@ -122,6 +123,7 @@ def main(argv=None):
                         help="random rotations checked (each proper and improper)")
     parser.add_argument("--calls", type=int, default=20, help="calls timed per path")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", metavar="PNG", help="draw the errors into this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -193,6 +195,14 @@ def run(args):
     }
     print(f"time per call on {n_atoms} atoms (CPU, layers only): " + ", ".join(
         f"{name} {1000 * t:.2f} ms" for name, t in timings.items()))
+
+    if args.plot:
+        plot_errors({"cuequivariance vs e3nn, same weights": path_difference,
+                     "output, proper rotations": errors["proper"],
+                     "output, improper rotations": errors["improper"],
+                     "output, improper, parity ignored (control)": parity_ignored},
+                    args.plot, "cuequivariance on ir_mul LODE features (float64)")
+        print(f"wrote {args.plot}")
 
     assert path_difference < 1e-12, path_difference
     assert max(errors.values()) < 1e-10, errors

@@ -26,8 +26,9 @@ mace-torch pins e3nn 0.4.4 (this package supports it). e3nn 0.4.4 reads its cons
 with ``torch.load``, which torch >= 2.6 refuses by default: the script allows the
 ``slice`` objects they contain (``torch.serialization.add_safe_globals``) before e3nn
 is imported, and restores the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` that importing
-``mace`` sets for the whole process. Install with ``pip install mace-torch`` (in an environment of its own: it downgrades
-e3nn), then run ``python examples/mace_blocks.py`` (a few seconds).
+``mace`` sets for the whole process. Install with ``pip install mace-torch`` (in an
+environment of its own: it downgrades e3nn), then run ``python examples/mace_blocks.py``
+(a few seconds).
 """
 
 import argparse
@@ -77,9 +78,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     batch_edges,
     check_rotations,
+    error_rows,
     first_atoms,
     lode_calculator,
     parity_flipped,
+    plot_errors,
     rows_to_atoms,
     structures,
     sum_per_system,
@@ -172,6 +175,7 @@ def main(argv=None):
     parser.add_argument("--rotations", type=int, default=3,
                         help="random rotations checked (each proper and improper)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", metavar="PNG", help="draw the errors into this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -226,6 +230,11 @@ def run(args):
           f"rotations would show errors of at least "
           f"{errors['improper']['per_atom_parity_ignored']:.2f})")
     print(f"time: {seconds:.1f} s for {1 + 2 * args.rotations} evaluations with forces")
+
+    if args.plot:
+        plot_errors(error_rows(errors), args.plot,
+                    "LODE, vesin, MACE blocks: equivariance (float64)")
+        print(f"wrote {args.plot}")
 
     worst = max(max(v for k, v in e.items() if k != "per_atom_parity_ignored")
                 for e in errors.values())

@@ -43,9 +43,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
     batch_edges,
     check_rotations,
+    error_rows,
     first_atoms,
     lode_calculator,
     parity_flipped,
+    plot_errors,
     rows_to_atoms,
     structures,
     sum_per_system,
@@ -155,6 +157,7 @@ def main(argv=None):
     parser.add_argument("--rotations", type=int, default=3,
                         help="random rotations checked (each proper and improper)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", metavar="PNG", help="draw the errors into this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -206,6 +209,11 @@ def run(args):
     print(f"torch.jit.script(model): per-atom outputs within {script_error:.1e}, energies "
           f"within {script_energy_error:.1e} of the eager model")
     print(f"time: {seconds:.1f} s for {1 + 2 * args.rotations} evaluations with forces")
+
+    if args.plot:
+        plot_errors(error_rows(errors), args.plot,
+                    "LODE, vesin, e3nn convolution: equivariance (float64)")
+        print(f"wrote {args.plot}")
 
     worst = max(max(v for k, v in e.items() if k != "per_atom_parity_ignored")
                 for e in errors.values())

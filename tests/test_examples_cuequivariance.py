@@ -18,8 +18,9 @@ TINY = ["--mul", "2", "--max-angular", "1", "--max-radial", "1", "--repeat", "1"
         "--rotations", "1", "--calls", "1", "--quiet"]
 
 
-def test_tiny_run_matches_e3nn_and_is_equivariant():
-    result = cuequivariance_layers.main(TINY)
+def test_tiny_run_matches_e3nn_and_is_equivariant(tmp_path):
+    result = cuequivariance_layers.main(TINY + ["--plot", str(tmp_path / "errors.png")])
+    assert (tmp_path / "errors.png").stat().st_size > 0
     assert result["path_difference"] < 1e-12
     assert result["errors"]["proper"] < 1e-10 and result["errors"]["improper"] < 1e-10
     # the check can fail: the 1e (pseudo-vector) outputs need the right parity

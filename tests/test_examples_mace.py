@@ -35,10 +35,11 @@ def mace_blocks():
     return mace_blocks
 
 
-def test_tiny_run_is_equivariant(mace_blocks):
+def test_tiny_run_is_equivariant(mace_blocks, tmp_path):
     import e3nn
 
-    result = mace_blocks.main(TINY)
+    result = mace_blocks.main(TINY + ["--plot", str(tmp_path / "errors.png")])
+    assert (tmp_path / "errors.png").stat().st_size > 0
     assert result["e3nn"] == e3nn.__version__
     for kind in ("proper", "improper"):
         errors = result["errors"][kind]
