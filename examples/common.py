@@ -1,12 +1,15 @@
 """Helpers shared by the examples: metatomic ``System``s from arrays, ASE atoms or
-other systems, rotations of a structure, the rock-salt crystal, the per-atom indices
-of a list of systems, per-system sums and vesin edges of a batch.
+other systems, rotations of a structure, the rock-salt crystal and the gallery's
+structures, a LODE calculator, the per-atom indices of a list of systems, per-system
+sums, adapter rows in atom order, vesin edges of a batch, and the equivariance checks
+(and their plot) of the gallery examples.
 
 The examples import this file as ``common`` (each puts its own directory first on
 ``sys.path``, so that they run from anywhere). The functions that models call at run
-time (``atom_indices``, ``first_atoms``, ``sum_per_system``) are TorchScript-compatible:
-a scripted model compiles them into its own file, so that loading a saved model needs
-neither this module nor ``rascaline_e3nn``.
+time (``atom_indices``, ``first_atoms``, ``sum_per_system``, ``rows_to_atoms``,
+``batch_edges``) are TorchScript-compatible: a scripted model compiles them into its
+own file, so that loading a saved model needs neither this module nor
+``rascaline_e3nn`` (vesin-torch's library, for ``batch_edges``, must be loaded).
 """
 
 from typing import List, Optional, Sequence, Tuple
