@@ -51,7 +51,8 @@ if tuple(int(v) for v in e3nn.__version__.split(".")[:2]) < (0, 5):
 # later torch.load would then load arbitrary pickles, with a warning): undone below
 _NO_WEIGHTS_ONLY = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
 try:
-    from e3nn import o3  # noqa: F401  (e3nn's constants, read with slice allowed)
+    # e3nn.o3 first: it reads e3nn's constants, with slice allowed
+    from e3nn import o3
     import mace.modules
     from mace.modules.blocks import (
         EquivariantProductBasisBlock,
@@ -69,7 +70,6 @@ finally:
     else:
         os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = _NO_WEIGHTS_ONLY
 
-from e3nn import o3  # noqa: E402
 from metatomic.torch import System  # noqa: E402
 
 from rascaline_e3nn import TensorMapToIrreps  # noqa: E402
