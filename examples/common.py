@@ -1,12 +1,15 @@
 """Helpers shared by the examples: metatomic ``System``s from arrays, ASE atoms or
-other systems, rotations of a structure, the rock-salt crystal, the per-atom indices
-of a list of systems, per-system sums and vesin edges of a batch.
+other systems, rotations of a structure, the rock-salt crystal and the gallery's
+structures, a LODE calculator, the per-atom indices of a list of systems, per-system
+sums, adapter rows in atom order, vesin edges of a batch, and the equivariance checks
+(and their plot) of the gallery examples.
 
 The examples import this file as ``common`` (each puts its own directory first on
 ``sys.path``, so that they run from anywhere). The functions that models call at run
-time (``atom_indices``, ``first_atoms``, ``sum_per_system``) are TorchScript-compatible:
-a scripted model compiles them into its own file, so that loading a saved model needs
-neither this module nor ``rascaline_e3nn``.
+time (``atom_indices``, ``first_atoms``, ``sum_per_system``, ``rows_to_atoms``,
+``batch_edges``) are TorchScript-compatible: a scripted model compiles them into its
+own file, so that loading a saved model needs neither this module nor
+``rascaline_e3nn`` (vesin-torch's library, for ``batch_edges``, must be loaded).
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -118,6 +121,31 @@ def rock_salt_atoms(a: float = NACL_A, repeat: int = 1, rattle: float = 0.0,
     return atoms
 
 
+def structures(repeat: int = 1) -> List[System]:
+    """Two small periodic structures of the gallery examples: the water-sodium box
+    embedded in ``rascaline_e3nn.check`` (skewed cell, 7 atoms) and rock-salt NaCl
+    (``repeat**3`` cubic cells of 8 atoms) rattled by 0.2 Å."""
+    from rascaline_e3nn.check import DEFAULT_CELL, DEFAULT_POSITIONS, DEFAULT_TYPES
+
+    return [make_system(DEFAULT_TYPES, DEFAULT_POSITIONS, DEFAULT_CELL),
+            rock_salt(repeat=repeat, rattle=0.2, seed=1)]
+
+
+def lode_calculator(max_angular: int = 2, max_radial: int = 3, smearing: float = 1.0):
+    """featomic-torch's ``LodeSphericalExpansion`` of a smeared 1/r potential (Å),
+    ``max_radial + 1`` GTO radial functions."""
+    import featomic.torch as featomic
+
+    return featomic.LodeSphericalExpansion(
+        density={"type": "SmearedPowerLaw", "smearing": smearing, "exponent": 1},
+        basis={
+            "type": "TensorProduct",
+            "max_angular": max_angular,
+            "radial": {"type": "Gto", "max_radial": max_radial, "radius": 3.0},
+        },
+    )
+
+
 # ------------------------------------------------- per-atom indices, per-system sums
 
 
@@ -208,3 +236,104 @@ def accurate_rotation(generator: torch.Generator) -> torch.Tensor:
     finally:
         torch.set_default_dtype(default)
     raise RuntimeError("no rotation with accurate Wigner matrices in 1000 draws")
+
+
+def parity_flipped(irreps):
+    """``irreps`` with every parity reversed (``1x0e + 1x1o`` -> ``1x0o + 1x1e``): the
+    representation of a model that ignored parity."""
+    from e3nn import o3
+
+    return o3.Irreps([(mul, (ir.l, -ir.p)) for mul, ir in o3.Irreps(irreps)])
+
+
+def outputs_and_forces(model, systems: Sequence[System]):
+    """``model(systems)`` (per-atom outputs), ``model.energies(systems)`` and the forces
+    (autograd), all detached."""
+    systems, positions = with_grad_positions(systems)
+    per_atom = model(systems)
+    energies = model.energies(systems)
+    forces = torch.autograd.grad(-energies.sum(), positions)
+    return per_atom.detach(), energies.detach(), torch.cat(forces)
+
+
+def check_rotations(model, systems: Sequence[System], irreps_out, n_rotations: int,
+                    seed: int, progress: bool = True):
+    """Equivariance of ``model`` (``model(systems)``: per-atom outputs of
+    ``irreps_out``, systems then atoms; ``model.energies(systems)``) under
+    ``n_rotations`` random rotations R, each applied as R (proper) and -R (improper) to
+    positions and cells. Returns the outputs, energies and forces of ``systems`` and
+    the largest errors per kind: energies (absolute), forces and per-atom outputs
+    (relative to their largest value) against ``irreps_out.D_from_matrix(R)``; for
+    improper rotations also the smallest error of a reference that ignores the
+    outputs' parity (a control: it must be large)."""
+    from e3nn import o3
+    from tqdm import tqdm
+
+    irreps_out = o3.Irreps(irreps_out)
+    wrong = parity_flipped(irreps_out)
+    per_atom, energies, forces = outputs_and_forces(model, systems)
+    scale = per_atom.abs().max()
+    generator = torch.Generator().manual_seed(seed)
+    errors = {k: {"energy": 0.0, "forces": 0.0, "per_atom": 0.0}
+              for k in ("proper", "improper")}
+    errors["improper"]["per_atom_parity_ignored"] = float("inf")
+    trials = [(accurate_rotation(generator), kind) for _ in range(n_rotations)
+              for kind in ("proper", "improper")]
+    for R, kind in tqdm(trials, desc="rotations", disable=not progress, leave=False):
+        if kind == "improper":
+            R = -R
+        per_atom_r, energies_r, forces_r = outputs_and_forces(
+            model, [rotate(s, R) for s in systems])
+        e = errors[kind]
+        e["energy"] = max(e["energy"], float((energies_r - energies).abs().max()))
+        e["forces"] = max(e["forces"], float((forces_r - forces @ R.T).abs().max()
+                                             / forces.abs().max()))
+        D = irreps_out.D_from_matrix(R).to(per_atom.dtype)
+        e["per_atom"] = max(e["per_atom"],
+                            float((per_atom_r - per_atom @ D.T).abs().max() / scale))
+        if kind == "improper":
+            D = wrong.D_from_matrix(R).to(per_atom.dtype)
+            e["per_atom_parity_ignored"] = min(
+                e["per_atom_parity_ignored"],
+                float((per_atom_r - per_atom @ D.T).abs().max() / scale))
+    return per_atom, energies, forces, errors
+
+
+def plot_errors(rows, path: str, title: str) -> None:
+    """A bar chart (log scale) of equivariance errors: ``rows`` maps a label to a
+    value; labels containing "ignored" (controls, expected large) are drawn apart."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(rows)
+    values = [max(float(rows[k]), 1e-17) for k in labels]
+    colours = ["tab:red" if "ignored" in k else "tab:blue" for k in labels]
+    fig, ax = plt.subplots(figsize=(7.2, 0.9 + 0.4 * len(labels)), dpi=120)
+    ax.barh(range(len(labels)), values, color=colours)
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xscale("log")
+    ax.set_xlim(1e-17, 1e1)
+    ax.axvline(2.2e-16, color="grey", linestyle=":", linewidth=1)
+    ax.text(2.2e-16, len(labels) - 0.4, " float64 epsilon", fontsize=7, color="grey")
+    ax.set_xlabel("largest error (relative; energies absolute)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, axis="x", which="major", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def error_rows(errors) -> dict:
+    """``check_rotations``' errors as labelled rows for ``plot_errors``."""
+    rows = {}
+    for kind in ("proper", "improper"):
+        for name, value in errors[kind].items():
+            if name == "per_atom_parity_ignored":
+                continue
+            rows[f"{name.replace('_', '-')}, {kind}"] = value
+    rows["per-atom, improper, parity ignored (control)"] = \
+        errors["improper"]["per_atom_parity_ignored"]
+    return rows

@@ -31,43 +31,30 @@ import sys
 import time
 from typing import List
 
-import featomic.torch as featomic
 import torch
 from e3nn import nn as e3nn_nn
 from e3nn import o3
 from e3nn.util.jit import compile as e3nn_compile
 from metatomic.torch import System
-from tqdm import tqdm
 
 from rascaline_e3nn import TensorMapToIrreps
-from rascaline_e3nn.check import DEFAULT_CELL, DEFAULT_POSITIONS, DEFAULT_TYPES
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import (  # noqa: E402
-    accurate_rotation,
     batch_edges,
+    check_rotations,
+    error_rows,
     first_atoms,
-    make_system,
-    rock_salt,
-    rotate,
+    lode_calculator,
+    parity_flipped,
+    plot_errors,
     rows_to_atoms,
+    structures,
     sum_per_system,
-    with_grad_positions,
 )
 
 #: the per-atom outputs: an energy, a vector, a symmetric traceless tensor
 OUTPUT_IRREPS = o3.Irreps("1x0e + 1x1o + 1x2e")
-
-
-def lode_calculator(max_angular: int = 2, max_radial: int = 3):
-    return featomic.LodeSphericalExpansion(
-        density={"type": "SmearedPowerLaw", "smearing": 1.0, "exponent": 1},
-        basis={
-            "type": "TensorProduct",
-            "max_angular": max_angular,
-            "radial": {"type": "Gto", "max_radial": max_radial, "radius": 3.0},
-        },
-    )
 
 
 class RadialMLP(torch.nn.Module):
@@ -159,56 +146,6 @@ class ConvolutionModel(torch.nn.Module):
         return sum_per_system(self.forward(systems)[:, 0], system, len(systems))
 
 
-def structures(repeat: int = 1) -> List[System]:
-    """The water-sodium box embedded in ``rascaline_e3nn.check`` (skewed cell) and a
-    rattled rock-salt NaCl crystal (``repeat**3`` cubic cells)."""
-    return [make_system(DEFAULT_TYPES, DEFAULT_POSITIONS, DEFAULT_CELL),
-            rock_salt(repeat=repeat, rattle=0.2, seed=1)]
-
-
-def outputs_and_forces(model, systems: List[System]):
-    systems, positions = with_grad_positions(systems)
-    per_atom = model(systems)
-    energies = model.energies(systems)
-    forces = torch.autograd.grad(-energies.sum(), positions)
-    return per_atom.detach(), energies.detach(), torch.cat(forces)
-
-
-def check_rotations(model, systems: List[System], n_rotations: int, seed: int,
-                    progress: bool = True):
-    """Largest errors over ``n_rotations`` random rotations, each proper and improper
-    (-R): energies (absolute), forces and per-atom outputs (relative to their
-    largest value)."""
-    per_atom, energies, forces = outputs_and_forces(model, systems)
-    generator = torch.Generator().manual_seed(seed)
-    errors = {k: {"energy": 0.0, "forces": 0.0, "per_atom": 0.0}
-              for k in ("proper", "improper")}
-    # what the per-atom outputs would be off by if their parity were ignored
-    # (the reference representation taken as 0e + 1e + 2o): improper rotations see it
-    wrong_parity = o3.Irreps("1x0e + 1x1e + 1x2o")
-    errors["improper"]["per_atom_parity_ignored"] = math.inf
-    trials = [(accurate_rotation(generator), kind) for _ in range(n_rotations)
-              for kind in ("proper", "improper")]
-    for R, kind in tqdm(trials, desc="rotations", disable=not progress, leave=False):
-        if kind == "improper":
-            R = -R
-        rotated = [rotate(s, R) for s in systems]
-        per_atom_r, energies_r, forces_r = outputs_and_forces(model, rotated)
-        D = OUTPUT_IRREPS.D_from_matrix(R)
-        e = errors[kind]
-        e["energy"] = max(e["energy"], float((energies_r - energies).abs().max()))
-        e["forces"] = max(e["forces"], float((forces_r - forces @ R.T).abs().max()
-                                             / forces.abs().max()))
-        e["per_atom"] = max(e["per_atom"], float((per_atom_r - per_atom @ D.T).abs().max()
-                                                 / per_atom.abs().max()))
-        if kind == "improper":
-            D_wrong = wrong_parity.D_from_matrix(R)
-            e["per_atom_parity_ignored"] = min(
-                e["per_atom_parity_ignored"],
-                float((per_atom_r - per_atom @ D_wrong.T).abs().max() / per_atom.abs().max()))
-    return per_atom, energies, forces, errors
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cutoff", type=float, default=4.0, help="edge cutoff (Å)")
@@ -220,6 +157,7 @@ def main(argv=None):
     parser.add_argument("--rotations", type=int, default=3,
                         help="random rotations checked (each proper and improper)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", metavar="PNG", help="draw the errors into this file")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
@@ -251,7 +189,7 @@ def run(args):
 
     start = time.perf_counter()
     per_atom, energies, forces, errors = check_rotations(
-        model, systems, args.rotations, args.seed, progress=not args.quiet)
+        model, systems, OUTPUT_IRREPS, args.rotations, args.seed, progress=not args.quiet)
     seconds = time.perf_counter() - start
     print(f"energies (random weights): {', '.join(f'{e:.4f}' for e in energies.tolist())}; "
           f"largest |force| {forces.abs().max():.3e}, |per-atom output| "
@@ -259,8 +197,9 @@ def run(args):
     for kind, e in errors.items():
         print(f"{kind:>8} rotations: energy error {e['energy']:.1e} (absolute), forces "
               f"{e['forces']:.1e}, per-atom {OUTPUT_IRREPS} {e['per_atom']:.1e} (relative)")
-    print(f"  (were the outputs' parity ignored, 1x0e+1x1e+1x2o, improper rotations would "
-          f"show errors of at least {errors['improper']['per_atom_parity_ignored']:.2f})")
+    print(f"  (were the outputs' parity ignored, {parity_flipped(OUTPUT_IRREPS)}, improper "
+          f"rotations would show errors of at least "
+          f"{errors['improper']['per_atom_parity_ignored']:.2f})")
 
     scripted = torch.jit.script(e3nn_compile(copy.deepcopy(model)))
     with torch.no_grad():
@@ -270,6 +209,11 @@ def run(args):
     print(f"torch.jit.script(model): per-atom outputs within {script_error:.1e}, energies "
           f"within {script_energy_error:.1e} of the eager model")
     print(f"time: {seconds:.1f} s for {1 + 2 * args.rotations} evaluations with forces")
+
+    if args.plot:
+        plot_errors(error_rows(errors), args.plot,
+                    "LODE, vesin, e3nn convolution: equivariance (float64)")
+        print(f"wrote {args.plot}")
 
     worst = max(max(v for k, v in e.items() if k != "per_atom_parity_ignored")
                 for e in errors.values())

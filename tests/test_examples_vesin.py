@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -19,8 +18,9 @@ TINY = ["--max-angular", "1", "--max-radial", "1", "--mul", "2", "--rotations", 
         "--quiet"]
 
 
-def test_tiny_run_is_equivariant_and_scripts():
-    result = vesin_convolution.main(TINY)
+def test_tiny_run_is_equivariant_and_scripts(tmp_path):
+    result = vesin_convolution.main(TINY + ["--plot", str(tmp_path / "errors.png")])
+    assert (tmp_path / "errors.png").stat().st_size > 0
     for kind in ("proper", "improper"):
         errors = result["errors"][kind]
         assert errors["energy"] < 1e-10 and errors["forces"] < 1e-10
