@@ -141,6 +141,7 @@ class LodeSphericalExpansion(torch.nn.Module):
     """
 
     __jit_unused_properties__ = ["parameters", "c_name"]
+    _to_featomic: torch.Tensor
 
     def __init__(
         self,
@@ -166,7 +167,9 @@ class LodeSphericalExpansion(torch.nn.Module):
         )
         # Y_featomic = Y_e3nn @ D, D block-diagonal in l (x_e3nn = D x_featomic)
         to_featomic = torch.block_diag(*[change_of_basis(l) for l in range(L + 1)])
-        self.register_buffer("_to_featomic", to_featomic, persistent=False)
+        # a plain float64 attribute (out of state_dict and of casts, as the radial
+        # integral's tables), following the systems' device at the next call
+        self._to_featomic = to_featomic
         self._phases: List[float] = [_phase(l) for l in range(L + 1)]
         #: number of (atom, k-vector) pairs a chunk of the k-sum holds at once
         self.chunk_size: int = 1 << 20
@@ -316,6 +319,9 @@ class LodeSphericalExpansion(torch.nn.Module):
         one_hot = one_hot.index_copy(0, flat, own).reshape(n_systems, max_atoms, n_types)
         one_hot_t = one_hot.transpose(1, 2)
 
+        self.radial._follow(device)
+        if self._to_featomic.device != device:
+            self._to_featomic = self._to_featomic.to(device)
         if e3nn_basis:
             to_basis = torch.eye((L + 1) * (L + 1), dtype=dtype, device=device)
         else:
@@ -621,9 +627,6 @@ class LodeToIrreps(torch.nn.Module):
         self.basis = check_option("basis", basis, BASES)
         self.layout = check_option("layout", layout, LAYOUTS)
         self.atom_types: List[int] = types
-        self.register_buffer(
-            "_atom_types", torch.tensor(types, dtype=torch.int64), persistent=False
-        )
         L = calculator.max_angular
         mul = len(types) * calculator.n_radial
         #: the e3nn irreps of the output

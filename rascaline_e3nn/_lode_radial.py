@@ -873,6 +873,12 @@ class LodeRadialIntegral(torch.nn.Module):
         centre's own type); zeros when ``center_atom_weight == 1``.
     """
 
+    orthonormalization: torch.Tensor
+    spline_positions: torch.Tensor
+    spline_values: torch.Tensor
+    spline_derivatives: torch.Tensor
+    k0_term: torch.Tensor
+    center_term: torch.Tensor
     n_points: List[int]
     widths: List[float]
     hyp_a: List[float]
@@ -944,7 +950,11 @@ class LodeRadialIntegral(torch.nn.Module):
         widths = gto_gaussian_widths(size, radius)
         orthonormalization = gto_orthonormalization(size, radius)
         self.widths = widths
-        self.register_buffer("orthonormalization", torch.tensor(orthonormalization))
+        # the tables derived here are plain float64 attributes, not buffers: out of
+        # state_dict (loading another calculator's checkpoint cannot change them) and
+        # out of reach of casts (.float() of a scripted module included); they follow
+        # the input's device at the next call (``_follow``)
+        self.orthonormalization = torch.tensor(orthonormalization)
 
         # per (l, n) constants of the closed form, flattened l-major
         global_factor = math.sqrt(math.pi) / fm.SQRT_2
@@ -986,9 +996,9 @@ class LodeRadialIntegral(torch.nn.Module):
             positions[l, : p.shape[0]] = p
             values[l, : p.shape[0]] = v
             derivatives[l, : p.shape[0]] = d
-        self.register_buffer("spline_positions", torch.tensor(positions))
-        self.register_buffer("spline_values", torch.tensor(values))
-        self.register_buffer("spline_derivatives", torch.tensor(derivatives))
+        self.spline_positions = torch.tensor(positions)
+        self.spline_values = torch.tensor(values)
+        self.spline_derivatives = torch.tensor(derivatives)
 
         # k = 0 term: featomic evaluates the l = 0 radial integral (its spline when
         # there is one, which reproduces the control point at 0 exactly) at k = 0
@@ -998,7 +1008,7 @@ class LodeRadialIntegral(torch.nn.Module):
             at_zero = _gto_integral(0, widths, orthonormalization, np.zeros(1))[0][0]
         factor = k0_factor(exponent, smearing)
         k0 = factor * at_zero if (exponent == 0 or exponent > 3) else np.zeros(size)
-        self.register_buffer("k0_term", torch.tensor(np.asarray(k0, dtype=np.float64)))
+        self.k0_term = torch.tensor(np.asarray(k0, dtype=np.float64))
 
         if center_atom_weight == 1.0:
             center = np.zeros(size)
@@ -1006,7 +1016,7 @@ class LodeRadialIntegral(torch.nn.Module):
             center = (1.0 - center_atom_weight) * center_contribution(
                 widths, orthonormalization, smearing, exponent
             )
-        self.register_buffer("center_term", torch.tensor(center))
+        self.center_term = torch.tensor(center)
 
         # constants of the density's Fourier transform
         p = float(exponent)
@@ -1045,6 +1055,16 @@ class LodeRadialIntegral(torch.nn.Module):
             f"{spline}"
         )
 
+    def _follow(self, device: torch.device) -> None:
+        """Move the tables to ``device`` (once, at the first call on a new device)."""
+        if self.k0_term.device != device:
+            self.orthonormalization = self.orthonormalization.to(device)
+            self.spline_positions = self.spline_positions.to(device)
+            self.spline_values = self.spline_values.to(device)
+            self.spline_derivatives = self.spline_derivatives.to(device)
+            self.k0_term = self.k0_term.to(device)
+            self.center_term = self.center_term.to(device)
+
     def _analytic(self, k: torch.Tensor, l: int) -> torch.Tensor:
         size = self.max_radial + 1
         columns: List[torch.Tensor] = []
@@ -1075,6 +1095,7 @@ class LodeRadialIntegral(torch.nn.Module):
             ``[K, max_radial + 1]`` per ``l``, in ``k``'s dtype and device,
             differentiable with respect to ``k``.
         """
+        self._follow(k.device)
         dtype = k.dtype
         k64 = k.to(torch.float64)
         result: List[torch.Tensor] = []

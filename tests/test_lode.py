@@ -603,3 +603,35 @@ def test_float32_systems_give_float32_features():
     for key, block in reference.items():
         assert result.block(key).values.dtype == torch.float32
         assert (result.block(key).values.double() - block.values).abs().max() < 1e-5 * scale
+
+
+# ---------------------------------------------------------------- state
+
+
+def test_state_dict_holds_no_derived_table_and_casts_keep_float64(tmp_path):
+    calculator = LodeSphericalExpansion(**hypers(1, 3, 2, 0.5))
+    systems = random_batch(200, 2)
+    expected = calculator(systems)
+    scripted = torch.jit.script(LodeSphericalExpansion(**hypers(1, 3, 2, 0.5)))
+    scripted.save(str(tmp_path / "lode.pt"))
+    loaded = torch.jit.load(str(tmp_path / "lode.pt"))
+    for module in [calculator, calculator.to_irreps([1, 8]), scripted, loaded]:
+        assert len(module.state_dict()) == 0
+    # another calculator's (empty) state changes nothing; casts leave the tables float64
+    other = LodeSphericalExpansion(**hypers(0, 2, 1))
+    for module in [LodeSphericalExpansion(**hypers(1, 3, 2, 0.5)), scripted, loaded]:
+        module.load_state_dict(other.state_dict())
+        module.float()
+        module.half().double()
+        module.to(torch.float32)
+        assert_same_tensor_map(expected, module(systems), 1e-14)
+
+
+def test_whole_models_pickle(tmp_path):
+    calculator = LodeSphericalExpansion(**hypers(1, 2, 1, 0.5))
+    model = torch.nn.ModuleDict({"lode": calculator, "irreps": calculator.to_irreps([1, 8])})
+    systems = random_batch(210, 2)
+    torch.save(model, tmp_path / "model.pt")
+    reloaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(reloaded["irreps"](systems), model["irreps"](systems))
+    assert_same_tensor_map(model["lode"](systems), reloaded["lode"](systems), 0.0)
