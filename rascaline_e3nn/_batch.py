@@ -128,14 +128,16 @@ def rotate(
             D = D.t()
         if offset > last:
             pieces.append(x[:, last:offset])
-        # one copy of the segment, then one 2-D GEMM (a matmul of the strided
-        # [n_rows, mul, 2l+1] view would run n_rows tiny batched products)
-        segment = x[:, offset : offset + mul * n_m].contiguous()
+        # one copy of the segment as [n_rows * mul, 2l+1] (rows (row, channel), m
+        # fastest), then one 2-D GEMM: the same product for both layouts, so that
+        # they agree bitwise (a matmul of the strided [n_rows, mul, 2l+1] view would
+        # run n_rows tiny batched products)
+        segment = x[:, offset : offset + mul * n_m]
         if mul_ir:
-            y = torch.mm(segment.view(n_rows * mul, n_m), D.t())
+            y = torch.mm(segment.reshape(n_rows * mul, n_m), D.t())
         else:
-            y = torch.mm(D, segment.view(n_rows, n_m, mul).transpose(0, 1).reshape(n_m, n_rows * mul))
-            y = y.view(n_m, n_rows, mul).transpose(0, 1)
+            flat = segment.reshape(n_rows, n_m, mul).transpose(1, 2).reshape(n_rows * mul, n_m)
+            y = torch.mm(flat, D.t()).view(n_rows, mul, n_m).transpose(1, 2)
         pieces.append(y.reshape(n_rows, mul * n_m))
         last = offset + mul * n_m
     if last < x.shape[1]:
