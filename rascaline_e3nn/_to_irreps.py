@@ -42,15 +42,26 @@ class _ReadTensorMap(torch.nn.Module):
     _group_width: List[int]
     _group_holes: List[bool]
     _property_start: List[int]
+    _key_values: torch.Tensor
+    _columns: torch.Tensor
+    _properties: torch.Tensor
+    _mu: torch.Tensor
+    _hash_weights: torch.Tensor
 
     def __init__(self, plan: Layout, columns: torch.Tensor, e3nn_basis: bool, check: bool):
         super().__init__()
+        # The tables are plain attributes, not buffers: derived from the plan, they
+        # must stay out of ``state_dict`` (TorchScript keeps no buffer out of it, so
+        # loading a checkpoint would overwrite them) and out of reach of casts. The
+        # one buffer is an empty device marker that ``.to()`` moves; the tables
+        # follow it at the next call (``_follow_device``).
+        self.register_buffer("_device", torch.zeros(0, dtype=torch.int32))
         self._check = check
         self._e3nn_basis = e3nn_basis
         self._dim = plan.dim
         self._key_names = list(plan.key_names)
         self._keys = [list(b.key) for b in plan.blocks]
-        self.register_buffer("_key_values", plan.keys().values.clone(), persistent=False)
+        self._key_values = plan.keys().values.clone()
         self._sample_names = list(plan.sample_names)
         self._row_key_names = list(plan.row_key_names)
         self._property_names = list(plan.property_names)
@@ -64,18 +75,28 @@ class _ReadTensorMap(torch.nn.Module):
         self._group_holes = [
             bool((columns[g] == widths[g]).any()) for g in range(len(plan.groups))
         ]
-        self.register_buffer("_columns", columns, persistent=False)
+        self._columns = columns
         properties = [b.properties.reshape(-1) for b in plan.blocks]
         ptr = [0]
         for p in properties:
             ptr.append(ptr[-1] + p.shape[0])
         self._property_start = ptr
-        self.register_buffer("_properties", torch.cat(properties), persistent=False)
+        self._properties = torch.cat(properties)
         L = plan.max_l
         mu = [torch.arange(-l, l + 1, dtype=torch.int32) for l in range(L + 1)]
-        self.register_buffer("_mu", torch.cat(mu), persistent=False)
+        self._mu = torch.cat(mu)
         weights = [6364136223846793005 * (c + 1) % 2**61 + 1 for c in range(len(plan.sample_names))]
-        self.register_buffer("_hash_weights", torch.tensor(weights), persistent=False)
+        self._hash_weights = torch.tensor(weights)
+
+    def _follow_device(self) -> None:
+        """Move the tables to the device marker's device (after ``.to()``; once)."""
+        device = self._device.device
+        if self._columns.device != device:
+            self._key_values = self._key_values.to(device)
+            self._columns = self._columns.to(device)
+            self._properties = self._properties.to(device)
+            self._mu = self._mu.to(device)
+            self._hash_weights = self._hash_weights.to(device)
 
     # ------------------------------------------------------------------ keys
 
@@ -710,11 +731,12 @@ class _ReadTensorMap(torch.nn.Module):
         ``with_values``: for the rows' metadata alone), the order of the rows, and
         the sample values of each group."""
         device = tensor.keys.values.device
-        if device != self._columns.device:
+        if device != self._device.device:
             raise ValueError(
                 "the input is on " + str(device) + ", the module on "
-                + str(self._columns.device) + ": move the module with .to()"
+                + str(self._device.device) + ": move the module with .to()"
             )
+        self._follow_device()
         slots, different_keys = self._match_keys(tensor.keys)
         values, samples, actual, expected, reshaped = self._values(tensor, slots)
         classes, different, sorted_order = self._classes(values, samples, actual, expected)
@@ -826,6 +848,7 @@ class TensorMapToIrreps(torch.nn.Module):
     """
 
     _rotations: List[List[int]]
+    _basis: torch.Tensor
 
     def __init__(
         self,
@@ -847,20 +870,36 @@ class TensorMapToIrreps(torch.nn.Module):
         self.irreps_out = plan.irreps_e3nn
         self._e3nn_basis = self.basis == "e3nn"
         self._mul_ir = self.layout == "mul_ir"
-        columns = plan.column_map(self.basis, self.layout)
-        self._read = torch.jit.script(_ReadTensorMap(plan, columns, self._e3nn_basis, check))
+        self._read = self._script_read()
         basis, rotations = basis_tables(
             [(s.l, s.mul, s.offset) for s in plan.segments] if self._e3nn_basis else []
         )
-        self.register_buffer("_basis", basis, persistent=False)
+        # float64 whatever the casts (cast to the input's dtype per call), and out of
+        # the state_dict: a plain attribute, moved by ``_apply`` (eager) or at the
+        # next call (scripted, ``_follow_device``)
+        self._basis = basis
         self._rotations = rotations
 
+    def _script_read(self) -> torch.jit.ScriptModule:
+        columns = self.plan.column_map(self.basis, self.layout)
+        return torch.jit.script(_ReadTensorMap(self.plan, columns, self._e3nn_basis, self.check))
+
     def _apply(self, fn, recurse=True):
-        # the change of basis stays float64 (cast to the input's dtype per call)
-        basis = self._basis
         super()._apply(fn, recurse)
-        self._basis = basis.to(device=fn(basis).device)
+        self._basis = self._basis.to(device=self._read._device.device)
         return self
+
+    def __getstate__(self):
+        # the scripted metadata step does not pickle: rebuilt from the plan
+        state = self.__dict__.copy()
+        state["_modules"] = {k: v for k, v in self._modules.items() if k != "_read"}
+        state["_read_device"] = self._read._device.device
+        return state
+
+    def __setstate__(self, state):
+        device = state.pop("_read_device")
+        super().__setstate__(state)
+        self._read = self._script_read().to(device)
 
     @classmethod
     def from_calculator(
@@ -913,8 +952,16 @@ class TensorMapToIrreps(torch.nn.Module):
         self, tensor: TensorMap, rows: Optional[Labels], with_values: bool = True
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
         if torch.jit.is_scripting():
-            return self._read.read(tensor, rows, with_values)
+            result = self._read.read(tensor, rows, with_values)
+            self._follow_device(result[2].device)
+            return result
         return self._read_outside_graph(tensor, rows, with_values)
+
+    def _follow_device(self, device: torch.device) -> None:
+        """Scripted modules: ``.to()`` moves buffers only; the change of basis follows
+        the metadata step's device at the next call (eager modules: ``_apply``)."""
+        if self._basis.device != device:
+            self._basis = self._basis.to(device)
 
     def move(
         self, groups: List[torch.Tensor], columns: List[torch.Tensor], order: torch.Tensor
