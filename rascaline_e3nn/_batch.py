@@ -25,6 +25,16 @@ def int_list(values: torch.Tensor) -> List[int]:
     return result
 
 
+def host_read(values: torch.Tensor) -> List[int]:
+    """The values of a 1-D int64 tensor, read on the host: every read of the
+    metadata steps outside error messages goes through here (a device sync each on a
+    GPU). Marked ``rascaline_e3nn::host_read`` for ``torch.profiler``, which does not
+    see ``.tolist()`` on the CPU, so that tests count the reads."""
+    with torch.autograd.profiler.record_function("rascaline_e3nn::host_read"):
+        result: List[int] = values.tolist()
+    return result
+
+
 def entry(values: torch.Tensor, i: int) -> List[int]:
     """Entry ``i`` of a 2-D integer tensor, read on the host (error messages only)."""
     return int_list(values[i])

@@ -10,6 +10,7 @@ from ._batch import (
     call_scripted,
     describe,
     entry,
+    host_read,
     int_list,
     join,
     lexsort,
@@ -100,19 +101,16 @@ class _ReadTensorMap(torch.nn.Module):
 
     # ------------------------------------------------------------------ keys
 
-    def _match_keys(self, keys: Labels) -> Tuple[List[int], Optional[torch.Tensor]]:
-        """For every template block, its index in the input (-1: absent); with
-        ``check=False`` and every key present, a flag that the keys differ."""
+    def _match_keys(self, keys: Labels) -> List[int]:
+        """For every template block, its index in the input (-1: absent). A batch
+        with the template's keys in the template's order costs one host read (with
+        or without ``check``); any other is matched by value, and a key the layout
+        does not know is an error naming it."""
         n_slots = len(self._keys)
         if keys.names == self._key_names and len(keys) == n_slots:
-            if not self._check:
-                # a trusted producer's batch with every key: taken in the template's
-                # order without a host read; the flag poisons the row order if not
-                different = (keys.values != self._key_values).any()
-                return list(range(n_slots)), different
             # the one read of the keys (Labels == ignores the order of the entries)
             if torch.equal(keys.values, self._key_values):
-                return list(range(n_slots)), None
+                return list(range(n_slots))
         names = keys.names
         if sorted(names) != sorted(self._key_names):
             raise ValueError(
@@ -122,7 +120,11 @@ class _ReadTensorMap(torch.nn.Module):
         columns: List[int] = []
         for name in self._key_names:
             columns.append(names.index(name))
-        values: List[List[int]] = keys.values.to("cpu", torch.int64)[:, columns].tolist()
+        n_dims = len(columns)
+        flat = host_read(keys.values[:, columns].to(torch.int64).reshape(-1))
+        values: List[List[int]] = []
+        for i in range(len(keys)):
+            values.append(flat[i * n_dims : (i + 1) * n_dims])
         where: Dict[str, int] = {}
         for t in range(n_slots):
             where[str(self._keys[t])] = t
@@ -141,7 +143,7 @@ class _ReadTensorMap(torch.nn.Module):
                     + " appears twice in the input keys"
                 )
             slots[t] = i
-        return slots, None
+        return slots
 
     def _name(self, t: int) -> str:
         return "block " + describe(self._key_names, self._keys[t])
@@ -364,7 +366,7 @@ class _ReadTensorMap(torch.nn.Module):
             mixed = torch.stack([different.to(torch.int64), code * (code + 1442695040888963407)])
             per_pair = torch.zeros((2, len(pairs)), dtype=torch.int64, device=device)
             flags.append(per_pair.index_add_(1, segment, mixed).reshape(-1))
-        read: List[int] = torch.cat(flags).tolist()
+        read = host_read(torch.cat(flags))
         if self._check:
             if read[1] != 0:
                 self._explain_duplicates(samples, classes)
@@ -574,7 +576,7 @@ class _ReadTensorMap(torch.nn.Module):
         flags = [counts, (ordered[1:] == ordered[:-1]).all(dim=1).sum().reshape(1)]
         if len(mine) > 0:
             flags.append((torch.cat(mine) != torch.cat(theirs)).sum().reshape(1))
-        read: List[int] = torch.cat(flags).tolist()
+        read = host_read(torch.cat(flags))
         if read[len(multi)] != 0:
             self._explain_duplicates(samples, classes)
         if len(mine) > 0 and read[-1] != 0:
@@ -653,7 +655,9 @@ class _ReadTensorMap(torch.nn.Module):
         widths.append(1)
         new_start.append(total)
         present.append(False)
-        k = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        k = torch.repeat_interleave(
+            torch.arange(len(widths)), torch.tensor(widths), output_size=n_columns
+        )
         w = torch.tensor(widths)
         first = torch.cumsum(w, dim=0) - w
         offset = torch.arange(n_columns) - first.index_select(0, k)
@@ -737,7 +741,7 @@ class _ReadTensorMap(torch.nn.Module):
                 + str(self._device.device) + ": move the module with .to()"
             )
         self._follow_device()
-        slots, different_keys = self._match_keys(tensor.keys)
+        slots = self._match_keys(tensor.keys)
         values, samples, actual, expected, reshaped = self._values(tensor, slots)
         classes, different, sorted_order = self._classes(values, samples, actual, expected)
         if different:
@@ -758,10 +762,6 @@ class _ReadTensorMap(torch.nn.Module):
             # the row of zeros for the entries the tensor does not have
             groups.append(torch.zeros((1, 1), dtype=groups[0].dtype, device=groups[0].device))
             columns.append(torch.zeros(self._dim, dtype=torch.int64, device=groups[0].device))
-        if different_keys is not None:
-            # keys other than the template's (check=False): every row index out of
-            # range, so that the row gather fails instead of mixing blocks up
-            order = order + different_keys.to(torch.int64) * 4611686018427387904
         return groups, columns, order, rows
 
     @torch.jit.export

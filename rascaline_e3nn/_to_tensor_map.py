@@ -6,7 +6,7 @@ import torch
 from e3nn import o3
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from ._batch import basis_tables, call_scripted, describe, entry, lexsort, rotate
+from ._batch import basis_tables, call_scripted, describe, entry, host_read, lexsort, rotate
 from ._conventions import BASES, LAYOUTS, check_option
 from ._layout import Layout
 
@@ -157,7 +157,7 @@ class _WriteTensorMap(torch.nn.Module):
         counts: List[int] = [n_rows]
         if len(flags) > 0:
             # the one host read: rows per group and the verdict of every check
-            read: List[int] = torch.cat(flags).tolist()
+            read = host_read(torch.cat(flags))
             n_groups = len(self._group_slots)
             at = 0
             if len(self._row_key_names) != 0:
