@@ -337,11 +337,14 @@ class _ReadTensorMap(torch.nn.Module):
             flags.append((torch.cat(actual) != torch.cat(expected)).sum().reshape(1))
         else:
             flags.append(torch.zeros(1, dtype=torch.int64, device=device))
-        if self._check and single:
-            order, repeated = self._order_and_repeats(samples, classes)
+        if self._check:
+            # repeated samples in the first block of every class (blocks of one
+            # length) of every group; blocks later split off their class are
+            # checked with the union of their group's samples (_unions)
+            sorted_rows, repeated = self._order_and_repeats(samples, classes)
             flags.append(repeated)
-        elif self._check:
-            flags.append(torch.zeros(1, dtype=torch.int64, device=device))
+            if single:
+                order = sorted_rows
         hashed: List[int] = []
         if len(pairs) > 0:
             mine: List[torch.Tensor] = []
@@ -403,15 +406,15 @@ class _ReadTensorMap(torch.nn.Module):
     def _order_and_repeats(
         self, samples: List[Optional[torch.Tensor]], classes: List[List[List[int]]]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The order of the rows (the samples of each group's first block, groups one
-        after the other) and ``[1]``: how many samples repeat within one group,
-        found next to each other once sorted."""
+        """The first block of every class side by side, sorted (when every group
+        has one class: the order of the rows) and ``[1]``: how many samples repeat
+        within one class, found next to each other once sorted."""
         device = self._columns.device
         references: List[torch.Tensor] = []
         sizes: List[int] = []
         for group in classes:
-            if len(group) > 0:
-                r = samples[group[0][0]]
+            for members in group:
+                r = samples[members[0]]
                 assert r is not None
                 references.append(r)
                 sizes.append(r.shape[0])

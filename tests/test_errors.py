@@ -319,6 +319,30 @@ def test_duplicated_samples_in_a_block(scripted, shared):
 
 
 @scripted
+@pytest.mark.parametrize("where", ["single-class-group", "split-class"])
+def test_duplicated_samples_beside_a_group_with_other_samples(scripted, where):
+    """One row group's blocks hold different samples (the union path), another
+    group's block repeats a sample: refused whichever group it is in (the output
+    Labels are built with assume_unique=True)."""
+    conv = to_irreps(scripted)
+    duplicated = Labels(
+        SAMPLE_NAMES, torch.tensor([[0, 0], [0, 0]], dtype=torch.int32), assume_unique=True
+    )
+    oxygen = spherical_block(0, [[0, 0], [0, 3]])
+    oxygen = TensorBlock(oxygen.values, duplicated, oxygen.components, oxygen.properties)
+    if where == "single-class-group":
+        # H: blocks of two lengths; O: one block, with a repeated sample
+        keys = [[0, 1, 1, 1], [0, 1, 1, 8], [0, 1, 8, 8]]
+        blocks = [spherical_block(0, SAMPLES[1]), spherical_block(0, [[0, 1]]), oxygen]
+    else:
+        # O: two blocks of one length, other samples; the second repeats one
+        keys = [[0, 1, 8, 1], [0, 1, 8, 8], [0, 1, 1, 1]]
+        blocks = [spherical_block(0, [[0, 0], [0, 5]]), oxygen, spherical_block(0, SAMPLES[1])]
+    tensor = tensor_map(keys, blocks, assume_unique=True)
+    assert_fails(conv, (tensor,), DUPLICATE, scripted)
+
+
+@scripted
 def test_integer_values_in_e3nn_basis(scripted):
     """Integers cannot hold the dense l = 2 change of basis: it would be truncated."""
     conv = to_irreps(scripted, basis="e3nn")
