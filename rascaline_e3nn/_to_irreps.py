@@ -710,7 +710,9 @@ class _ReadTensorMap(torch.nn.Module):
         missing = uses == 0
         shared = torch.zeros(0, dtype=torch.bool, device=source.device)
         ordered = source
-        if len(columns) == n_sample_dims and n_source > 1:
+        if len(columns) < len(all_names) and n_source > 1:
+            # rows lacking some row-key columns: two rows of the tensor that differ
+            # only there would be one entry of `rows`
             ordered = source.index_select(0, lexsort(source))
             shared = (ordered[1:] == ordered[:-1]).all(dim=1)
         verdict = torch.cat([missing, shared])
@@ -723,9 +725,17 @@ class _ReadTensorMap(torch.nn.Module):
                     + ", which is not in `rows`: it would be dropped"
                 )
             i = int(torch.nonzero(shared)[0, 0])
+            given: List[str] = []
+            for c in columns:
+                given.append(all_names[c])
+            lacking: List[str] = []
+            for name in self._row_key_names:
+                if name not in names:
+                    lacking.append(name)
             raise ValueError(
-                "the sample " + describe(self._sample_names, entry(ordered, i))
-                + " is in several row groups: give `rows` the row-key columns "
+                "`rows` lack the row-key column(s) " + str(lacking) + ", and the "
+                + "tensor has several rows with " + describe(given, entry(ordered, i))
+                + " (in several row groups): give `rows` the row-key columns "
                 + str(self._row_key_names)
             )
         return torch.where(matched >= 0, matched, torch.full_like(matched, n_source))

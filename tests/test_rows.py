@@ -137,3 +137,27 @@ def test_rows_for_atom_centred_features_select_atoms():
     y = module(tensor, wanted)
     atoms = samples.values[:, 1].tolist()
     assert torch.equal(y, x[[atoms.index(a) for a in order]])
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+def test_rows_with_some_of_the_row_key_columns_name_the_missing_one(scripted):
+    """Rows are (system, atom, center_type, neighbor_type); `rows` with the center
+    type but not the neighbour type cannot tell the neighbour types apart: an error
+    naming the missing column, never rows silently dropped."""
+    from _systems import spherical_expansion
+
+    tensor = spherical_expansion(max_angular=1, max_radial=1)([water_sodium()])
+    module = TensorMapToIrreps(tensor, row_keys=["center_type", "neighbor_type"])
+    if scripted:
+        module = torch.jit.script(module)
+    samples = module.samples(tensor)
+    x = module(tensor)
+    assert torch.equal(module(tensor, samples), x)
+    names = ["system", "atom", "center_type"]
+    partial = torch.unique(samples.values[:, :3], dim=0)
+    with pytest.raises((ValueError, torch.jit.Error), match=r"lack the row-key column.*\['?neighbor_type'?\]"):
+        module(tensor, Labels(names, partial))
+    # without any row-key column: the same
+    plain = torch.unique(samples.values[:, :2], dim=0)
+    with pytest.raises((ValueError, torch.jit.Error), match=r"lack the row-key column.*center_type'?, '?neighbor_type"):
+        module(tensor, Labels(["system", "atom"], plain))
