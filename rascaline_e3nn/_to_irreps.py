@@ -17,7 +17,7 @@ from ._batch import (
     rotate,
     sorted_runs,
 )
-from ._conventions import BASES, LAYOUTS, check_option
+from ._conventions import BASES, LAYOUTS, UNLISTED_ROWS, check_option
 from ._layout import Layout
 
 
@@ -49,8 +49,16 @@ class _ReadTensorMap(torch.nn.Module):
     _mu: torch.Tensor
     _hash_weights: torch.Tensor
 
-    def __init__(self, plan: Layout, columns: torch.Tensor, e3nn_basis: bool, check: bool):
+    def __init__(
+        self,
+        plan: Layout,
+        columns: torch.Tensor,
+        e3nn_basis: bool,
+        check: bool,
+        drop_unlisted: bool = False,
+    ):
         super().__init__()
+        self._drop_unlisted = drop_unlisted
         # The tables are plain attributes, not buffers: derived from the plan, they
         # must stay out of ``state_dict`` (TorchScript keeps no buffer out of it, so
         # loading a checkpoint would overwrite them) and out of reach of casts. The
@@ -705,9 +713,13 @@ class _ReadTensorMap(torch.nn.Module):
         source = everything[:, columns]
         matched, uses = join(source, wanted.values)
         n_source = source.shape[0]
-        # one host read: rows of the tensor that `wanted` lacks, or that it cannot
-        # tell apart (without the row-key columns, one sample in two row groups)
-        missing = uses == 0
+        # one host read: rows of the tensor that `wanted` lacks (unless they are
+        # dropped on purpose), or that it cannot tell apart (without the row-key
+        # columns, one sample in two row groups)
+        if self._drop_unlisted:
+            missing = torch.zeros(0, dtype=torch.bool, device=source.device)
+        else:
+            missing = uses == 0
         shared = torch.zeros(0, dtype=torch.bool, device=source.device)
         ordered = source
         if len(columns) < len(all_names) and n_source > 1:
@@ -722,7 +734,8 @@ class _ReadTensorMap(torch.nn.Module):
                 raise ValueError(
                     "the tensor has the row "
                     + describe(all_names, entry(everything, i))
-                    + ", which is not in `rows`: it would be dropped"
+                    + ", which is not in `rows`: it would be dropped (build the "
+                    + "module with unlisted_rows='drop' to take only the rows listed)"
                 )
             i = int(torch.nonzero(shared)[0, 0])
             given: List[str] = []
@@ -825,6 +838,12 @@ class TensorMapToIrreps(torch.nn.Module):
         input comes from the template's producer: featomic, whose blocks of one row
         group hold subsets of the same samples, so that equal lengths mean equal
         samples.
+    unlisted_rows : {"error", "drop"}
+        What ``forward(tensor, rows)`` does with rows of ``tensor`` that ``rows``
+        does not list: ``"error"`` (default: nothing is dropped unnoticed) or
+        ``"drop"``, to take exactly the rows listed, e.g. a GNN's edge list without
+        the self-pairs ``(i, i, 0, 0, 0)`` of featomic's
+        ``SphericalExpansionByPair``, or a selection of atoms.
 
     Examples
     --------
@@ -871,10 +890,12 @@ class TensorMapToIrreps(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
+        unlisted_rows: str = "error",
     ):
         super().__init__()
         self.basis = check_option("basis", basis, BASES)
         self.layout = check_option("layout", layout, LAYOUTS)
+        self.unlisted_rows = check_option("unlisted_rows", unlisted_rows, UNLISTED_ROWS)
         self._setup(Layout.from_tensor_map(template, row_keys), check)
 
     def _setup(self, plan: Layout, check: bool) -> None:
@@ -895,7 +916,11 @@ class TensorMapToIrreps(torch.nn.Module):
 
     def _script_read(self) -> torch.jit.ScriptModule:
         columns = self.plan.column_map(self.basis, self.layout)
-        return torch.jit.script(_ReadTensorMap(self.plan, columns, self._e3nn_basis, self.check))
+        return torch.jit.script(
+            _ReadTensorMap(
+                self.plan, columns, self._e3nn_basis, self.check, self.unlisted_rows == "drop"
+            )
+        )
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -924,6 +949,7 @@ class TensorMapToIrreps(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
+        unlisted_rows: str = "error",
     ) -> "TensorMapToIrreps":
         """The layout of a featomic-torch ``SphericalExpansion`` or
         ``LodeSphericalExpansion`` for a batch containing every pair of
@@ -931,7 +957,14 @@ class TensorMapToIrreps(torch.nn.Module):
         from ._calculator import template_from_calculator
 
         template = template_from_calculator(calculator, atom_types)
-        return cls(template, basis=basis, layout=layout, row_keys=row_keys, check=check)
+        return cls(
+            template,
+            basis=basis,
+            layout=layout,
+            row_keys=row_keys,
+            check=check,
+            unlisted_rows=unlisted_rows,
+        )
 
     @torch.jit.unused
     def inverse(self):
@@ -1000,7 +1033,7 @@ class TensorMapToIrreps(torch.nn.Module):
         :py:meth:`samples`, or one per entry of ``rows`` (``Labels`` with the
         template's sample names, optionally the row-key columns too) in that order,
         zeros for entries the tensor does not have. A row of the tensor missing
-        from ``rows`` is an error."""
+        from ``rows`` is an error, or dropped with ``unlisted_rows="drop"``."""
         groups, columns, order, _ = self._read_batch(tensor, rows)
         return self.move(groups, columns, order)
 
