@@ -951,9 +951,10 @@ class TensorMapToIrreps(torch.nn.Module):
         check: bool = True,
         unlisted_rows: str = "error",
     ) -> "TensorMapToIrreps":
-        """The layout of a featomic-torch ``SphericalExpansion`` or
-        ``LodeSphericalExpansion`` for a batch containing every pair of
-        ``atom_types``, read from ``calculator.parameters`` without computing."""
+        """The layout of a featomic-torch ``SphericalExpansion``,
+        ``LodeSphericalExpansion`` or ``SphericalExpansionByPair`` for a batch
+        containing every pair of ``atom_types``, read from ``calculator.parameters``
+        without computing."""
         from ._calculator import template_from_calculator
 
         template = template_from_calculator(calculator, atom_types)
