@@ -25,6 +25,22 @@ def int_list(values: torch.Tensor) -> List[int]:
     return result
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.int64`` and so on (TorchScript's ``str`` of a dtype is its number)."""
+    known = [
+        (torch.float16, "torch.float16"), (torch.bfloat16, "torch.bfloat16"),
+        (torch.float32, "torch.float32"), (torch.float64, "torch.float64"),
+        (torch.uint8, "torch.uint8"), (torch.int8, "torch.int8"),
+        (torch.int16, "torch.int16"), (torch.int32, "torch.int32"),
+        (torch.int64, "torch.int64"), (torch.bool, "torch.bool"),
+        (torch.complex64, "torch.complex64"), (torch.complex128, "torch.complex128"),
+    ]
+    for candidate, name in known:
+        if dtype == candidate:
+            return name
+    return str(dtype)
+
+
 def host_read(values: torch.Tensor) -> List[int]:
     """The values of a 1-D int64 tensor, read on the host: every read of the
     metadata steps outside error messages goes through here (a device sync each on a

@@ -9,6 +9,7 @@ from ._batch import (
     basis_tables,
     call_scripted,
     describe,
+    dtype_name,
     entry,
     host_read,
     int_list,
@@ -26,8 +27,10 @@ class _ReadTensorMap(torch.nn.Module):
 
     From a batch's blocks, it makes one tensor per row group (the group's blocks side
     by side, ``[n_rows, width]``), the column map of each group into the output, and
-    the order of the rows. Keys are matched by value; absent blocks are zeros; the
-    checks of all blocks are gathered into one comparison.
+    the order of the rows. Keys are matched by value; absent blocks are zeros. The
+    host reads: the keys (one ``torch.equal`` with the template's), then the verdict
+    of the checks of all blocks in one read (``host_read``), and one more read when
+    the blocks of a row group hold different samples (the size of their union).
     """
 
     _key_names: List[str]
@@ -218,7 +221,7 @@ class _ReadTensorMap(torch.nn.Module):
                 floating = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
                 if self._e3nn_basis and value.dtype not in floating:
                     raise ValueError(
-                        "the input has " + str(value.dtype) + " values: the e3nn basis "
+                        "the input has " + dtype_name(value.dtype) + " values: the e3nn basis "
                         + "change needs floating point values (use basis='featomic' "
                         + "for integers)"
                     )
@@ -693,6 +696,11 @@ class _ReadTensorMap(torch.nn.Module):
         """The source row of every entry of ``wanted`` (the zero row when absent);
         an error for rows of the tensor that ``wanted`` lacks."""
         names = wanted.names
+        if wanted.values.device != self._device.device:
+            raise ValueError(
+                "the rows are on " + str(wanted.values.device) + ", the input on "
+                + str(self._device.device) + ": move them with rows.to(device)"
+            )
         n_sample_dims = len(self._sample_names)
         all_names = self._sample_names + self._row_key_names
         columns: List[int] = []
@@ -816,8 +824,9 @@ class TensorMapToIrreps(torch.nn.Module):
 
     ``forward`` reads the batch's metadata (TorchScript-compiled, outside
     ``torch.compile`` graphs), then moves the values with a constant number of tensor
-    operations: per row group one ``cat`` and one column ``index_select``, one row
-    ``index_select``, one ``matmul`` per l >= 2 for the e3nn basis.
+    operations: per row group one ``cat`` of its blocks and one ``gather`` with the
+    planned column map, one row ``index_select``, one GEMM per l >= 2 segment for the
+    e3nn basis.
 
     Parameters
     ----------
@@ -834,7 +843,10 @@ class TensorMapToIrreps(torch.nn.Module):
     check : bool
         Compare every block's ``o3_mu`` components and property values with the
         template's, and, within a row group, the samples of blocks of equal length
-        (default; one host read for all of them). ``check=False`` trusts that the
+        (default; their verdict is one host read beside the read of the keys; on a
+        GPU, uploading two small tables of block sizes synchronises too; a batch
+        whose blocks of one row group hold different samples costs one read more,
+        with or without ``check``). ``check=False`` trusts that the
         input comes from the template's producer: featomic, whose blocks of one row
         group hold subsets of the same samples, so that equal lengths mean equal
         samples.

@@ -6,7 +6,16 @@ import torch
 from e3nn import o3
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from ._batch import basis_tables, call_scripted, describe, entry, host_read, lexsort, rotate
+from ._batch import (
+    basis_tables,
+    call_scripted,
+    describe,
+    dtype_name,
+    entry,
+    host_read,
+    lexsort,
+    rotate,
+)
 from ._conventions import BASES, LAYOUTS, check_option
 from ._layout import Layout
 
@@ -126,6 +135,14 @@ class _WriteTensorMap(torch.nn.Module):
             sample_names = names
             selected = values
         else:
+            # the columns TensorMapToIrreps.samples gives, as forward's `rows` takes
+            for name in names:
+                if name not in self._sample_names and name not in self._row_key_names:
+                    raise ValueError(
+                        "samples have the dimension '" + name + "', which is neither "
+                        + "a sample dimension " + str(self._sample_names)
+                        + " nor a row key " + str(self._row_key_names)
+                    )
             sample_names = self._sample_names
             selected = values[:, self._columns(names, sample_names, "a sample dimension")]
         flags: List[torch.Tensor] = []
@@ -243,8 +260,10 @@ class IrrepsToTensorMap(torch.nn.Module):
     :py:meth:`TensorMapToIrreps.inverse`, which splits the rows back along the
     row-like key dimensions (read from the ``samples`` columns) and the channels
     along the channel-like ones. The values move with the same tables as the forward
-    conversion, read backwards: one ``matmul`` per l >= 2, one row ``index_select``,
-    one column ``index_select`` per row group; every block is a view.
+    conversion, read backwards: one GEMM per l >= 2 segment, one row
+    ``index_select``, one ``gather`` per row group; every block is a view. The
+    metadata step reads the host at most once (the rows of each group and the verdict of the
+    checks).
 
     Parameters
     ----------
@@ -416,7 +435,7 @@ class IrrepsToTensorMap(torch.nn.Module):
         if self._e3nn_basis and not torch.is_floating_point(x):
             raise ValueError(
                 "the input must be floating point for the e3nn basis change, got "
-                + str(x.dtype)
+                + dtype_name(x.dtype)
             )
         if torch.jit.is_scripting():
             order, counts, sample_values, sample_names = self._write.group(x, samples)
