@@ -262,8 +262,8 @@ class IrrepsToTensorMap(torch.nn.Module):
     along the channel-like ones. The values move with the same tables as the forward
     conversion, read backwards: one GEMM per l >= 2 segment, one row
     ``index_select``, one ``gather`` per row group; every block is a view. The
-    metadata step reads the host at most once (the rows of each group and the verdict of the
-    checks).
+    metadata step reads the host at most once (the rows of each group and the
+    verdict of the checks).
 
     Parameters
     ----------
