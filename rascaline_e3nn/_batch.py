@@ -25,6 +25,32 @@ def int_list(values: torch.Tensor) -> List[int]:
     return result
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.int64`` and so on (TorchScript's ``str`` of a dtype is its number)."""
+    known = [
+        (torch.float16, "torch.float16"), (torch.bfloat16, "torch.bfloat16"),
+        (torch.float32, "torch.float32"), (torch.float64, "torch.float64"),
+        (torch.uint8, "torch.uint8"), (torch.int8, "torch.int8"),
+        (torch.int16, "torch.int16"), (torch.int32, "torch.int32"),
+        (torch.int64, "torch.int64"), (torch.bool, "torch.bool"),
+        (torch.complex64, "torch.complex64"), (torch.complex128, "torch.complex128"),
+    ]
+    for candidate, name in known:
+        if dtype == candidate:
+            return name
+    return str(dtype)
+
+
+def host_read(values: torch.Tensor) -> List[int]:
+    """The values of a 1-D int64 tensor, read on the host: every read of the
+    metadata steps outside error messages goes through here (a device sync each on a
+    GPU). Marked ``rascaline_e3nn::host_read`` for ``torch.profiler``, which does not
+    see ``.tolist()`` on the CPU, so that tests count the reads."""
+    with torch.autograd.profiler.record_function("rascaline_e3nn::host_read"):
+        result: List[int] = values.tolist()
+    return result
+
+
 def entry(values: torch.Tensor, i: int) -> List[int]:
     """Entry ``i`` of a 2-D integer tensor, read on the host (error messages only)."""
     return int_list(values[i])
@@ -128,14 +154,16 @@ def rotate(
             D = D.t()
         if offset > last:
             pieces.append(x[:, last:offset])
-        # one copy of the segment, then one 2-D GEMM (a matmul of the strided
-        # [n_rows, mul, 2l+1] view would run n_rows tiny batched products)
-        segment = x[:, offset : offset + mul * n_m].contiguous()
+        # one copy of the segment as [n_rows * mul, 2l+1] (rows (row, channel), m
+        # fastest), then one 2-D GEMM: the same product for both layouts, so that
+        # they agree bitwise (a matmul of the strided [n_rows, mul, 2l+1] view would
+        # run n_rows tiny batched products)
+        segment = x[:, offset : offset + mul * n_m]
         if mul_ir:
-            y = torch.mm(segment.view(n_rows * mul, n_m), D.t())
+            y = torch.mm(segment.reshape(n_rows * mul, n_m), D.t())
         else:
-            y = torch.mm(D, segment.view(n_rows, n_m, mul).transpose(0, 1).reshape(n_m, n_rows * mul))
-            y = y.view(n_m, n_rows, mul).transpose(0, 1)
+            flat = segment.reshape(n_rows, n_m, mul).transpose(1, 2).reshape(n_rows * mul, n_m)
+            y = torch.mm(flat, D.t()).view(n_rows, mul, n_m).transpose(1, 2)
         pieces.append(y.reshape(n_rows, mul * n_m))
         last = offset + mul * n_m
     if last < x.shape[1]:

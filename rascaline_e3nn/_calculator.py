@@ -6,8 +6,21 @@ from typing import Dict, List, Sequence
 import torch
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-#: featomic calculators whose output is a (lambda, sigma, center, neighbor) expansion
-SUPPORTED = ("spherical_expansion", "lode_spherical_expansion")
+#: featomic calculators whose output is a (lambda, sigma, type, type) expansion
+SUPPORTED = ("spherical_expansion", "lode_spherical_expansion", "spherical_expansion_by_pair")
+#: key names beside (o3_lambda, o3_sigma), and sample names, of each
+_KEY_NAMES = {
+    "spherical_expansion": ["center_type", "neighbor_type"],
+    "lode_spherical_expansion": ["center_type", "neighbor_type"],
+    "spherical_expansion_by_pair": ["first_atom_type", "second_atom_type"],
+}
+_SAMPLE_NAMES = {
+    "spherical_expansion": ["system", "atom"],
+    "lode_spherical_expansion": ["system", "atom"],
+    "spherical_expansion_by_pair": [
+        "system", "first_atom", "second_atom", "cell_shift_a", "cell_shift_b", "cell_shift_c"
+    ],
+}
 
 
 def _radial_size(radial: dict, where: str) -> int:
@@ -50,15 +63,17 @@ def template_from_calculator(calculator, atom_types: Sequence[int]) -> TensorMap
             f"{type(calculator).__name__} ({name}); build the module from a template "
             "TensorMap instead"
         )
-    types = sorted({int(t) for t in atom_types})
-    if len(types) == 0 or len(types) != len(list(atom_types)):
-        raise ValueError(f"atom_types must be distinct and non-empty, got {atom_types}")
+    given = list(atom_types)  # read once: a generator is consumed by the first read
+    types = sorted({int(t) for t in given})
+    if len(types) == 0 or len(types) != len(given):
+        raise ValueError(f"atom_types must be distinct and non-empty, got {given}")
     sizes = radial_sizes(json.loads(calculator.parameters))
 
     keys: List[List[int]] = []
     blocks: List[TensorBlock] = []
-    samples = Labels(["system", "atom"], torch.zeros((0, 2), dtype=torch.int32))
-    # featomic's key order: center type, neighbour type, then o3_lambda
+    sample_names = _SAMPLE_NAMES[name]
+    samples = Labels(sample_names, torch.zeros((0, len(sample_names)), dtype=torch.int32))
+    # featomic's key order: center (first) type, neighbour (second) type, then o3_lambda
     for center in types:
         for neighbor in types:
             for l, n_radial in sizes.items():
@@ -73,5 +88,5 @@ def template_from_calculator(calculator, atom_types: Sequence[int]) -> TensorMap
                         properties=properties,
                     )
                 )
-    names = ["o3_lambda", "o3_sigma", "center_type", "neighbor_type"]
+    names = ["o3_lambda", "o3_sigma"] + _KEY_NAMES[name]
     return TensorMap(Labels(names, torch.tensor(keys, dtype=torch.int32)), blocks)

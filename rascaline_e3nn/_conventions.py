@@ -18,6 +18,9 @@ BASIS_CHANGE_MATRIX = ((0.0, 0.0, 1.0), (1.0, 0.0, 0.0), (0.0, 1.0, 0.0))
 BASES = ("e3nn", "featomic")
 #: Allowed values of the ``layout`` option.
 LAYOUTS = ("mul_ir", "ir_mul")
+#: Allowed values of the ``unlisted_rows`` option: what ``forward(tensor, rows)``
+#: does with the rows of the tensor that ``rows`` does not list.
+UNLISTED_ROWS = ("error", "drop")
 
 
 def parity(o3_lambda: int, o3_sigma: int) -> int:

@@ -9,14 +9,16 @@ from ._batch import (
     basis_tables,
     call_scripted,
     describe,
+    dtype_name,
     entry,
+    host_read,
     int_list,
     join,
     lexsort,
     rotate,
     sorted_runs,
 )
-from ._conventions import BASES, LAYOUTS, check_option
+from ._conventions import BASES, LAYOUTS, UNLISTED_ROWS, check_option
 from ._layout import Layout
 
 
@@ -25,8 +27,10 @@ class _ReadTensorMap(torch.nn.Module):
 
     From a batch's blocks, it makes one tensor per row group (the group's blocks side
     by side, ``[n_rows, width]``), the column map of each group into the output, and
-    the order of the rows. Keys are matched by value; absent blocks are zeros; the
-    checks of all blocks are gathered into one comparison.
+    the order of the rows. Keys are matched by value; absent blocks are zeros. The
+    host reads: the keys (one ``torch.equal`` with the template's), then the verdict
+    of the checks of all blocks in one read (``host_read``), and one more read when
+    the blocks of a row group hold different samples (the size of their union).
     """
 
     _key_names: List[str]
@@ -42,15 +46,34 @@ class _ReadTensorMap(torch.nn.Module):
     _group_width: List[int]
     _group_holes: List[bool]
     _property_start: List[int]
+    _key_values: torch.Tensor
+    _columns: torch.Tensor
+    _properties: torch.Tensor
+    _mu: torch.Tensor
+    _hash_weights: torch.Tensor
 
-    def __init__(self, plan: Layout, columns: torch.Tensor, e3nn_basis: bool, check: bool):
+    def __init__(
+        self,
+        plan: Layout,
+        columns: torch.Tensor,
+        e3nn_basis: bool,
+        check: bool,
+        drop_unlisted: bool = False,
+    ):
         super().__init__()
+        self._drop_unlisted = drop_unlisted
+        # The tables are plain attributes, not buffers: derived from the plan, they
+        # must stay out of ``state_dict`` (TorchScript keeps no buffer out of it, so
+        # loading a checkpoint would overwrite them) and out of reach of casts. The
+        # one buffer is an empty device marker that ``.to()`` moves; the tables
+        # follow it at the next call (``_follow_device``).
+        self.register_buffer("_device", torch.zeros(0, dtype=torch.int32))
         self._check = check
         self._e3nn_basis = e3nn_basis
         self._dim = plan.dim
         self._key_names = list(plan.key_names)
         self._keys = [list(b.key) for b in plan.blocks]
-        self.register_buffer("_key_values", plan.keys().values.clone(), persistent=False)
+        self._key_values = plan.keys().values.clone()
         self._sample_names = list(plan.sample_names)
         self._row_key_names = list(plan.row_key_names)
         self._property_names = list(plan.property_names)
@@ -64,34 +87,41 @@ class _ReadTensorMap(torch.nn.Module):
         self._group_holes = [
             bool((columns[g] == widths[g]).any()) for g in range(len(plan.groups))
         ]
-        self.register_buffer("_columns", columns, persistent=False)
+        self._columns = columns
         properties = [b.properties.reshape(-1) for b in plan.blocks]
         ptr = [0]
         for p in properties:
             ptr.append(ptr[-1] + p.shape[0])
         self._property_start = ptr
-        self.register_buffer("_properties", torch.cat(properties), persistent=False)
+        self._properties = torch.cat(properties)
         L = plan.max_l
         mu = [torch.arange(-l, l + 1, dtype=torch.int32) for l in range(L + 1)]
-        self.register_buffer("_mu", torch.cat(mu), persistent=False)
+        self._mu = torch.cat(mu)
         weights = [6364136223846793005 * (c + 1) % 2**61 + 1 for c in range(len(plan.sample_names))]
-        self.register_buffer("_hash_weights", torch.tensor(weights), persistent=False)
+        self._hash_weights = torch.tensor(weights)
+
+    def _follow_device(self) -> None:
+        """Move the tables to the device marker's device (after ``.to()``; once)."""
+        device = self._device.device
+        if self._columns.device != device:
+            self._key_values = self._key_values.to(device)
+            self._columns = self._columns.to(device)
+            self._properties = self._properties.to(device)
+            self._mu = self._mu.to(device)
+            self._hash_weights = self._hash_weights.to(device)
 
     # ------------------------------------------------------------------ keys
 
-    def _match_keys(self, keys: Labels) -> Tuple[List[int], Optional[torch.Tensor]]:
-        """For every template block, its index in the input (-1: absent); with
-        ``check=False`` and every key present, a flag that the keys differ."""
+    def _match_keys(self, keys: Labels) -> List[int]:
+        """For every template block, its index in the input (-1: absent). A batch
+        with the template's keys in the template's order costs one host read (with
+        or without ``check``); any other is matched by value, and a key the layout
+        does not know is an error naming it."""
         n_slots = len(self._keys)
         if keys.names == self._key_names and len(keys) == n_slots:
-            if not self._check:
-                # a trusted producer's batch with every key: taken in the template's
-                # order without a host read; the flag poisons the row order if not
-                different = (keys.values != self._key_values).any()
-                return list(range(n_slots)), different
             # the one read of the keys (Labels == ignores the order of the entries)
             if torch.equal(keys.values, self._key_values):
-                return list(range(n_slots)), None
+                return list(range(n_slots))
         names = keys.names
         if sorted(names) != sorted(self._key_names):
             raise ValueError(
@@ -101,7 +131,11 @@ class _ReadTensorMap(torch.nn.Module):
         columns: List[int] = []
         for name in self._key_names:
             columns.append(names.index(name))
-        values: List[List[int]] = keys.values.to("cpu", torch.int64)[:, columns].tolist()
+        n_dims = len(columns)
+        flat = host_read(keys.values[:, columns].to(torch.int64).reshape(-1))
+        values: List[List[int]] = []
+        for i in range(len(keys)):
+            values.append(flat[i * n_dims : (i + 1) * n_dims])
         where: Dict[str, int] = {}
         for t in range(n_slots):
             where[str(self._keys[t])] = t
@@ -120,7 +154,7 @@ class _ReadTensorMap(torch.nn.Module):
                     + " appears twice in the input keys"
                 )
             slots[t] = i
-        return slots, None
+        return slots
 
     def _name(self, t: int) -> str:
         return "block " + describe(self._key_names, self._keys[t])
@@ -187,7 +221,7 @@ class _ReadTensorMap(torch.nn.Module):
                 floating = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
                 if self._e3nn_basis and value.dtype not in floating:
                     raise ValueError(
-                        "the input has " + str(value.dtype) + " values: the e3nn basis "
+                        "the input has " + dtype_name(value.dtype) + " values: the e3nn basis "
                         + "change needs floating point values (use basis='featomic' "
                         + "for integers)"
                     )
@@ -314,11 +348,14 @@ class _ReadTensorMap(torch.nn.Module):
             flags.append((torch.cat(actual) != torch.cat(expected)).sum().reshape(1))
         else:
             flags.append(torch.zeros(1, dtype=torch.int64, device=device))
-        if self._check and single:
-            order, repeated = self._order_and_repeats(samples, classes)
+        if self._check:
+            # repeated samples in the first block of every class (blocks of one
+            # length) of every group; blocks later split off their class are
+            # checked with the union of their group's samples (_unions)
+            sorted_rows, repeated = self._order_and_repeats(samples, classes)
             flags.append(repeated)
-        elif self._check:
-            flags.append(torch.zeros(1, dtype=torch.int64, device=device))
+            if single:
+                order = sorted_rows
         hashed: List[int] = []
         if len(pairs) > 0:
             mine: List[torch.Tensor] = []
@@ -343,7 +380,7 @@ class _ReadTensorMap(torch.nn.Module):
             mixed = torch.stack([different.to(torch.int64), code * (code + 1442695040888963407)])
             per_pair = torch.zeros((2, len(pairs)), dtype=torch.int64, device=device)
             flags.append(per_pair.index_add_(1, segment, mixed).reshape(-1))
-        read: List[int] = torch.cat(flags).tolist()
+        read = host_read(torch.cat(flags))
         if self._check:
             if read[1] != 0:
                 self._explain_duplicates(samples, classes)
@@ -380,15 +417,15 @@ class _ReadTensorMap(torch.nn.Module):
     def _order_and_repeats(
         self, samples: List[Optional[torch.Tensor]], classes: List[List[List[int]]]
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The order of the rows (the samples of each group's first block, groups one
-        after the other) and ``[1]``: how many samples repeat within one group,
-        found next to each other once sorted."""
+        """The first block of every class side by side, sorted (when every group
+        has one class: the order of the rows) and ``[1]``: how many samples repeat
+        within one class, found next to each other once sorted."""
         device = self._columns.device
         references: List[torch.Tensor] = []
         sizes: List[int] = []
         for group in classes:
-            if len(group) > 0:
-                r = samples[group[0][0]]
+            for members in group:
+                r = samples[members[0]]
                 assert r is not None
                 references.append(r)
                 sizes.append(r.shape[0])
@@ -553,7 +590,7 @@ class _ReadTensorMap(torch.nn.Module):
         flags = [counts, (ordered[1:] == ordered[:-1]).all(dim=1).sum().reshape(1)]
         if len(mine) > 0:
             flags.append((torch.cat(mine) != torch.cat(theirs)).sum().reshape(1))
-        read: List[int] = torch.cat(flags).tolist()
+        read = host_read(torch.cat(flags))
         if read[len(multi)] != 0:
             self._explain_duplicates(samples, classes)
         if len(mine) > 0 and read[-1] != 0:
@@ -632,7 +669,9 @@ class _ReadTensorMap(torch.nn.Module):
         widths.append(1)
         new_start.append(total)
         present.append(False)
-        k = torch.repeat_interleave(torch.arange(len(widths)), torch.tensor(widths))
+        k = torch.repeat_interleave(
+            torch.arange(len(widths)), torch.tensor(widths), output_size=n_columns
+        )
         w = torch.tensor(widths)
         first = torch.cumsum(w, dim=0) - w
         offset = torch.arange(n_columns) - first.index_select(0, k)
@@ -657,6 +696,11 @@ class _ReadTensorMap(torch.nn.Module):
         """The source row of every entry of ``wanted`` (the zero row when absent);
         an error for rows of the tensor that ``wanted`` lacks."""
         names = wanted.names
+        if wanted.values.device != self._device.device:
+            raise ValueError(
+                "the rows are on " + str(wanted.values.device) + ", the input on "
+                + str(self._device.device) + ": move them with rows.to(device)"
+            )
         n_sample_dims = len(self._sample_names)
         all_names = self._sample_names + self._row_key_names
         columns: List[int] = []
@@ -677,12 +721,18 @@ class _ReadTensorMap(torch.nn.Module):
         source = everything[:, columns]
         matched, uses = join(source, wanted.values)
         n_source = source.shape[0]
-        # one host read: rows of the tensor that `wanted` lacks, or that it cannot
-        # tell apart (without the row-key columns, one sample in two row groups)
-        missing = uses == 0
+        # one host read: rows of the tensor that `wanted` lacks (unless they are
+        # dropped on purpose), or that it cannot tell apart (without the row-key
+        # columns, one sample in two row groups)
+        if self._drop_unlisted:
+            missing = torch.zeros(0, dtype=torch.bool, device=source.device)
+        else:
+            missing = uses == 0
         shared = torch.zeros(0, dtype=torch.bool, device=source.device)
         ordered = source
-        if len(columns) == n_sample_dims and n_source > 1:
+        if len(columns) < len(all_names) and n_source > 1:
+            # rows lacking some row-key columns: two rows of the tensor that differ
+            # only there would be one entry of `rows`
             ordered = source.index_select(0, lexsort(source))
             shared = (ordered[1:] == ordered[:-1]).all(dim=1)
         verdict = torch.cat([missing, shared])
@@ -692,12 +742,21 @@ class _ReadTensorMap(torch.nn.Module):
                 raise ValueError(
                     "the tensor has the row "
                     + describe(all_names, entry(everything, i))
-                    + ", which is not in `rows`: it would be dropped"
+                    + ", which is not in `rows`: it would be dropped (build the "
+                    + "module with unlisted_rows='drop' to take only the rows listed)"
                 )
             i = int(torch.nonzero(shared)[0, 0])
+            given: List[str] = []
+            for c in columns:
+                given.append(all_names[c])
+            lacking: List[str] = []
+            for name in self._row_key_names:
+                if name not in names:
+                    lacking.append(name)
             raise ValueError(
-                "the sample " + describe(self._sample_names, entry(ordered, i))
-                + " is in several row groups: give `rows` the row-key columns "
+                "`rows` lack the row-key column(s) " + str(lacking) + ", and the "
+                + "tensor has several rows with " + describe(given, entry(ordered, i))
+                + " (in several row groups): give `rows` the row-key columns "
                 + str(self._row_key_names)
             )
         return torch.where(matched >= 0, matched, torch.full_like(matched, n_source))
@@ -710,12 +769,13 @@ class _ReadTensorMap(torch.nn.Module):
         ``with_values``: for the rows' metadata alone), the order of the rows, and
         the sample values of each group."""
         device = tensor.keys.values.device
-        if device != self._columns.device:
+        if device != self._device.device:
             raise ValueError(
                 "the input is on " + str(device) + ", the module on "
-                + str(self._columns.device) + ": move the module with .to()"
+                + str(self._device.device) + ": move the module with .to()"
             )
-        slots, different_keys = self._match_keys(tensor.keys)
+        self._follow_device()
+        slots = self._match_keys(tensor.keys)
         values, samples, actual, expected, reshaped = self._values(tensor, slots)
         classes, different, sorted_order = self._classes(values, samples, actual, expected)
         if different:
@@ -736,10 +796,6 @@ class _ReadTensorMap(torch.nn.Module):
             # the row of zeros for the entries the tensor does not have
             groups.append(torch.zeros((1, 1), dtype=groups[0].dtype, device=groups[0].device))
             columns.append(torch.zeros(self._dim, dtype=torch.int64, device=groups[0].device))
-        if different_keys is not None:
-            # keys other than the template's (check=False): every row index out of
-            # range, so that the row gather fails instead of mixing blocks up
-            order = order + different_keys.to(torch.int64) * 4611686018427387904
         return groups, columns, order, rows
 
     @torch.jit.export
@@ -768,8 +824,9 @@ class TensorMapToIrreps(torch.nn.Module):
 
     ``forward`` reads the batch's metadata (TorchScript-compiled, outside
     ``torch.compile`` graphs), then moves the values with a constant number of tensor
-    operations: per row group one ``cat`` and one column ``index_select``, one row
-    ``index_select``, one ``matmul`` per l >= 2 for the e3nn basis.
+    operations: per row group one ``cat`` of its blocks and one ``gather`` with the
+    planned column map, one row ``index_select``, one GEMM per l >= 2 segment for the
+    e3nn basis.
 
     Parameters
     ----------
@@ -786,10 +843,19 @@ class TensorMapToIrreps(torch.nn.Module):
     check : bool
         Compare every block's ``o3_mu`` components and property values with the
         template's, and, within a row group, the samples of blocks of equal length
-        (default; one host read for all of them). ``check=False`` trusts that the
+        (default; their verdict is one host read beside the read of the keys; on a
+        GPU, uploading two small tables of block sizes synchronises too; a batch
+        whose blocks of one row group hold different samples costs one read more,
+        with or without ``check``). ``check=False`` trusts that the
         input comes from the template's producer: featomic, whose blocks of one row
         group hold subsets of the same samples, so that equal lengths mean equal
         samples.
+    unlisted_rows : {"error", "drop"}
+        What ``forward(tensor, rows)`` does with rows of ``tensor`` that ``rows``
+        does not list: ``"error"`` (default: nothing is dropped unnoticed) or
+        ``"drop"``, to take exactly the rows listed, e.g. a GNN's edge list without
+        the self-pairs ``(i, i, 0, 0, 0)`` of featomic's
+        ``SphericalExpansionByPair``, or a selection of atoms.
 
     Examples
     --------
@@ -826,6 +892,7 @@ class TensorMapToIrreps(torch.nn.Module):
     """
 
     _rotations: List[List[int]]
+    _basis: torch.Tensor
 
     def __init__(
         self,
@@ -835,10 +902,12 @@ class TensorMapToIrreps(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
+        unlisted_rows: str = "error",
     ):
         super().__init__()
         self.basis = check_option("basis", basis, BASES)
         self.layout = check_option("layout", layout, LAYOUTS)
+        self.unlisted_rows = check_option("unlisted_rows", unlisted_rows, UNLISTED_ROWS)
         self._setup(Layout.from_tensor_map(template, row_keys), check)
 
     def _setup(self, plan: Layout, check: bool) -> None:
@@ -847,20 +916,40 @@ class TensorMapToIrreps(torch.nn.Module):
         self.irreps_out = plan.irreps_e3nn
         self._e3nn_basis = self.basis == "e3nn"
         self._mul_ir = self.layout == "mul_ir"
-        columns = plan.column_map(self.basis, self.layout)
-        self._read = torch.jit.script(_ReadTensorMap(plan, columns, self._e3nn_basis, check))
+        self._read = self._script_read()
         basis, rotations = basis_tables(
             [(s.l, s.mul, s.offset) for s in plan.segments] if self._e3nn_basis else []
         )
-        self.register_buffer("_basis", basis, persistent=False)
+        # float64 whatever the casts (cast to the input's dtype per call), and out of
+        # the state_dict: a plain attribute, moved by ``_apply`` (eager) or at the
+        # next call (scripted, ``_follow_device``)
+        self._basis = basis
         self._rotations = rotations
 
+    def _script_read(self) -> torch.jit.ScriptModule:
+        columns = self.plan.column_map(self.basis, self.layout)
+        return torch.jit.script(
+            _ReadTensorMap(
+                self.plan, columns, self._e3nn_basis, self.check, self.unlisted_rows == "drop"
+            )
+        )
+
     def _apply(self, fn, recurse=True):
-        # the change of basis stays float64 (cast to the input's dtype per call)
-        basis = self._basis
         super()._apply(fn, recurse)
-        self._basis = basis.to(device=fn(basis).device)
+        self._basis = self._basis.to(device=self._read._device.device)
         return self
+
+    def __getstate__(self):
+        # the scripted metadata step does not pickle: rebuilt from the plan
+        state = self.__dict__.copy()
+        state["_modules"] = {k: v for k, v in self._modules.items() if k != "_read"}
+        state["_read_device"] = self._read._device.device
+        return state
+
+    def __setstate__(self, state):
+        device = state.pop("_read_device")
+        super().__setstate__(state)
+        self._read = self._script_read().to(device)
 
     @classmethod
     def from_calculator(
@@ -872,14 +961,23 @@ class TensorMapToIrreps(torch.nn.Module):
         layout: str = "mul_ir",
         row_keys: Optional[Sequence[str]] = None,
         check: bool = True,
+        unlisted_rows: str = "error",
     ) -> "TensorMapToIrreps":
-        """The layout of a featomic-torch ``SphericalExpansion`` or
-        ``LodeSphericalExpansion`` for a batch containing every pair of
-        ``atom_types``, read from ``calculator.parameters`` without computing."""
+        """The layout of a featomic-torch ``SphericalExpansion``,
+        ``LodeSphericalExpansion`` or ``SphericalExpansionByPair`` for a batch
+        containing every pair of ``atom_types``, read from ``calculator.parameters``
+        without computing."""
         from ._calculator import template_from_calculator
 
         template = template_from_calculator(calculator, atom_types)
-        return cls(template, basis=basis, layout=layout, row_keys=row_keys, check=check)
+        return cls(
+            template,
+            basis=basis,
+            layout=layout,
+            row_keys=row_keys,
+            check=check,
+            unlisted_rows=unlisted_rows,
+        )
 
     @torch.jit.unused
     def inverse(self):
@@ -913,8 +1011,16 @@ class TensorMapToIrreps(torch.nn.Module):
         self, tensor: TensorMap, rows: Optional[Labels], with_values: bool = True
     ) -> Tuple[List[torch.Tensor], List[torch.Tensor], torch.Tensor, List[torch.Tensor]]:
         if torch.jit.is_scripting():
-            return self._read.read(tensor, rows, with_values)
+            result = self._read.read(tensor, rows, with_values)
+            self._follow_device(result[2].device)
+            return result
         return self._read_outside_graph(tensor, rows, with_values)
+
+    def _follow_device(self, device: torch.device) -> None:
+        """Scripted modules: ``.to()`` moves buffers only; the change of basis follows
+        the metadata step's device at the next call (eager modules: ``_apply``)."""
+        if self._basis.device != device:
+            self._basis = self._basis.to(device)
 
     def move(
         self, groups: List[torch.Tensor], columns: List[torch.Tensor], order: torch.Tensor
@@ -940,7 +1046,7 @@ class TensorMapToIrreps(torch.nn.Module):
         :py:meth:`samples`, or one per entry of ``rows`` (``Labels`` with the
         template's sample names, optionally the row-key columns too) in that order,
         zeros for entries the tensor does not have. A row of the tensor missing
-        from ``rows`` is an error."""
+        from ``rows`` is an error, or dropped with ``unlisted_rows="drop"``."""
         groups, columns, order, _ = self._read_batch(tensor, rows)
         return self.move(groups, columns, order)
 

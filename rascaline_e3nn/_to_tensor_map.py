@@ -6,7 +6,16 @@ import torch
 from e3nn import o3
 from metatensor.torch import Labels, TensorBlock, TensorMap
 
-from ._batch import basis_tables, call_scripted, describe, entry, lexsort, rotate
+from ._batch import (
+    basis_tables,
+    call_scripted,
+    describe,
+    dtype_name,
+    entry,
+    host_read,
+    lexsort,
+    rotate,
+)
 from ._conventions import BASES, LAYOUTS, check_option
 from ._layout import Layout
 
@@ -24,11 +33,16 @@ class _WriteTensorMap(torch.nn.Module):
     _slot_start: List[int]
     _slot_width: List[int]
     _slot_n_properties: List[int]
-    _components: List[Labels]
-    _properties: List[Labels]
+    _labels: TensorMap
+    _group_keys: torch.Tensor
+    _holes: torch.Tensor
 
     def __init__(self, plan: Layout, columns: torch.Tensor, all_samples: bool, check: bool):
         super().__init__()
+        # tables and Labels are plain attributes (out of ``state_dict``, out of reach
+        # of casts); they follow the empty device marker, which ``.to()`` moves, at
+        # the next call (``_follow_device``)
+        self.register_buffer("_device", torch.zeros(0, dtype=torch.int32))
         self._check = check
         self._all_samples = all_samples
         self._dim = plan.dim
@@ -42,28 +56,39 @@ class _WriteTensorMap(torch.nn.Module):
         starts, widths = plan.offsets()
         self._slot_start = starts
         groups = torch.tensor(plan.groups, dtype=torch.int32)
-        self.register_buffer(
-            "_group_keys", groups.reshape(len(plan.groups), -1), persistent=False
-        )
+        self._group_keys = groups.reshape(len(plan.groups), -1)
         # channels that no block of a group holds: the input must be zero there
         holes = torch.stack([columns[g] == widths[g] for g in range(len(plan.groups))])
         self._has_holes = bool(holes.any())
-        self.register_buffer("_holes", holes, persistent=False)
-        self._keys = plan.keys()
-        self._components = [
+        self._holes = holes
+        # the output's keys, components and properties, held as one empty TensorMap
+        # (a list of Labels would make torch.jit.freeze fail)
+        components = [
             Labels(["o3_mu"], torch.arange(-l, l + 1, dtype=torch.int32).reshape(-1, 1))
             for l in range(plan.max_l + 1)
         ]
-        self._properties = [
-            Labels(plan.property_names, b.properties) for b in plan.blocks
-        ]
+        no_samples = Labels(["_"], torch.zeros((0, 1), dtype=torch.int32))
+        self._labels = TensorMap(
+            plan.keys(),
+            [
+                TensorBlock(
+                    values=torch.zeros((0, 2 * b.l + 1, b.properties.shape[0])),
+                    samples=no_samples,
+                    components=[components[b.l]],
+                    properties=Labels(plan.property_names, b.properties),
+                )
+                for b in plan.blocks
+            ],
+        )
 
-    @torch.jit.export
-    def move_labels(self, device: torch.device) -> None:
-        """Move the Labels this module holds (called by the outer module's ``.to``)."""
-        self._keys = self._keys.to(device)
-        self._components = [c.to(device) for c in self._components]
-        self._properties = [p.to(device) for p in self._properties]
+    def _follow_device(self) -> None:
+        """Move the tables and Labels to the device marker's device (after ``.to()``;
+        once)."""
+        device = self._device.device
+        if self._holes.device != device:
+            self._group_keys = self._group_keys.to(device)
+            self._holes = self._holes.to(device)
+            self._labels = self._labels.to(device)
 
     def _columns(self, names: List[str], wanted: List[str], what: str) -> List[int]:
         columns: List[int] = []
@@ -87,11 +112,12 @@ class _WriteTensorMap(torch.nn.Module):
                 "expected a tensor of shape [n_rows, " + str(self._dim) + "], got "
                 + str(x.shape)
             )
-        if x.device != self._holes.device:
+        if x.device != self._device.device:
             raise ValueError(
                 "the input is on " + str(x.device) + ", the module on "
-                + str(self._holes.device) + ": move the module with .to()"
+                + str(self._device.device) + ": move the module with .to()"
             )
+        self._follow_device()
         n_rows = x.shape[0]
         if samples.values.device != x.device:
             raise ValueError(
@@ -109,6 +135,14 @@ class _WriteTensorMap(torch.nn.Module):
             sample_names = names
             selected = values
         else:
+            # the columns TensorMapToIrreps.samples gives, as forward's `rows` takes
+            for name in names:
+                if name not in self._sample_names and name not in self._row_key_names:
+                    raise ValueError(
+                        "samples have the dimension '" + name + "', which is neither "
+                        + "a sample dimension " + str(self._sample_names)
+                        + " nor a row key " + str(self._row_key_names)
+                    )
             sample_names = self._sample_names
             selected = values[:, self._columns(names, sample_names, "a sample dimension")]
         flags: List[torch.Tensor] = []
@@ -140,7 +174,7 @@ class _WriteTensorMap(torch.nn.Module):
         counts: List[int] = [n_rows]
         if len(flags) > 0:
             # the one host read: rows per group and the verdict of every check
-            read: List[int] = torch.cat(flags).tolist()
+            read = host_read(torch.cat(flags))
             n_groups = len(self._group_slots)
             at = 0
             if len(self._row_key_names) != 0:
@@ -188,14 +222,7 @@ class _WriteTensorMap(torch.nn.Module):
         sample_names: List[str],
     ) -> TensorMap:
         """The output ``TensorMap``: every block a view of its group's part."""
-        device = samples.device
-        keys = self._keys
-        components = self._components
-        properties = self._properties
-        if keys.device != device:  # a loaded module moved without its Labels
-            keys = keys.to(device)
-            components = [c.to(device) for c in components]
-            properties = [p.to(device) for p in properties]
+        self._follow_device()
         group_labels: List[Labels] = []
         start = 0
         for g in range(len(counts)):
@@ -209,15 +236,16 @@ class _WriteTensorMap(torch.nn.Module):
             l = self._slot_l[t]
             part = parts[g]
             values = part[:, self._slot_start[t] : self._slot_start[t] + self._slot_width[t]]
+            labels = self._labels.block_by_id(t)
             blocks.append(
                 TensorBlock(
                     values=values.reshape(part.shape[0], 2 * l + 1, self._slot_n_properties[t]),
                     samples=group_labels[g],
-                    components=[components[l]],
-                    properties=properties[t],
+                    components=labels.components,
+                    properties=labels.properties,
                 )
             )
-        return TensorMap(keys, blocks)
+        return TensorMap(self._labels.keys, blocks)
 
 
 class IrrepsToTensorMap(torch.nn.Module):
@@ -232,8 +260,10 @@ class IrrepsToTensorMap(torch.nn.Module):
     :py:meth:`TensorMapToIrreps.inverse`, which splits the rows back along the
     row-like key dimensions (read from the ``samples`` columns) and the channels
     along the channel-like ones. The values move with the same tables as the forward
-    conversion, read backwards: one ``matmul`` per l >= 2, one row ``index_select``,
-    one column ``index_select`` per row group; every block is a view.
+    conversion, read backwards: one GEMM per l >= 2 segment, one row
+    ``index_select``, one ``gather`` per row group; every block is a view. The
+    metadata step reads the host at most once (the rows of each group and the
+    verdict of the checks).
 
     Parameters
     ----------
@@ -268,6 +298,8 @@ class IrrepsToTensorMap(torch.nn.Module):
 
     _rotations: List[List[int]]
     _inverse_start: List[int]
+    _inverse: torch.Tensor
+    _basis: torch.Tensor
 
     def __init__(
         self,
@@ -329,23 +361,48 @@ class IrrepsToTensorMap(torch.nn.Module):
             backwards[columns[g][held]] = torch.nonzero(held)[:, 0]
             inverse.append(backwards)
             starts.append(starts[-1] + width)
-        self.register_buffer("_inverse", torch.cat(inverse), persistent=False)
+        # plain attributes, out of the state_dict and of casts (the change of basis
+        # stays float64): moved by ``_apply`` (eager) or at the next call (scripted,
+        # ``_follow_device``)
+        self._inverse = torch.cat(inverse)
         self._inverse_start = starts
-        self._write = torch.jit.script(_WriteTensorMap(plan, columns, all_samples, check))
+        self._all_samples = all_samples
+        self._write = self._script_write(columns)
         basis_matrices, rotations = basis_tables(
             [(s.l, s.mul, s.offset) for s in plan.segments] if self._e3nn_basis else []
         )
-        self.register_buffer("_basis", basis_matrices, persistent=False)
+        self._basis = basis_matrices
         self._rotations = rotations
 
+    def _script_write(self, columns: torch.Tensor) -> torch.jit.ScriptModule:
+        return torch.jit.script(_WriteTensorMap(self.plan, columns, self._all_samples, self.check))
+
     def _apply(self, fn, recurse=True):
-        # the change of basis stays float64; the output Labels follow the buffers
-        basis = self._basis
         super()._apply(fn, recurse)
-        device = fn(basis).device
-        self._basis = basis.to(device=device)
-        self._write.move_labels(device)
+        device = self._write._device.device
+        self._basis = self._basis.to(device=device)
+        self._inverse = self._inverse.to(device=device)
         return self
+
+    def __getstate__(self):
+        # the scripted metadata steps do not pickle: rebuilt from the plan
+        state = self.__dict__.copy()
+        state["_modules"] = {k: v for k, v in self._modules.items() if k != "_write"}
+        state["_write_device"] = self._write._device.device
+        return state
+
+    def __setstate__(self, state):
+        device = state.pop("_write_device")
+        super().__setstate__(state)
+        columns = self.plan.column_map(self.basis, self.layout)
+        self._write = self._script_write(columns).to(device)
+
+    def _follow_device(self, device: torch.device) -> None:
+        """Scripted modules: ``.to()`` moves buffers only; the tables follow the
+        metadata step's device at the next call (eager modules: ``_apply``)."""
+        if self._inverse.device != device:
+            self._inverse = self._inverse.to(device)
+            self._basis = self._basis.to(device)
 
     def extra_repr(self) -> str:
         return f"{self.irreps_in}, basis={self.basis}, layout={self.layout}"
@@ -378,10 +435,11 @@ class IrrepsToTensorMap(torch.nn.Module):
         if self._e3nn_basis and not torch.is_floating_point(x):
             raise ValueError(
                 "the input must be floating point for the e3nn basis change, got "
-                + str(x.dtype)
+                + dtype_name(x.dtype)
             )
         if torch.jit.is_scripting():
             order, counts, sample_values, sample_names = self._write.group(x, samples)
+            self._follow_device(x.device)
         else:
             order, counts, sample_values, sample_names = self._group_eager(x, samples)
         parts = self.move(x, order, counts)

@@ -319,12 +319,36 @@ def test_duplicated_samples_in_a_block(scripted, shared):
 
 
 @scripted
+@pytest.mark.parametrize("where", ["single-class-group", "split-class"])
+def test_duplicated_samples_beside_a_group_with_other_samples(scripted, where):
+    """One row group's blocks hold different samples (the union path), another
+    group's block repeats a sample: refused whichever group it is in (the output
+    Labels are built with assume_unique=True)."""
+    conv = to_irreps(scripted)
+    duplicated = Labels(
+        SAMPLE_NAMES, torch.tensor([[0, 0], [0, 0]], dtype=torch.int32), assume_unique=True
+    )
+    oxygen = spherical_block(0, [[0, 0], [0, 3]])
+    oxygen = TensorBlock(oxygen.values, duplicated, oxygen.components, oxygen.properties)
+    if where == "single-class-group":
+        # H: blocks of two lengths; O: one block, with a repeated sample
+        keys = [[0, 1, 1, 1], [0, 1, 1, 8], [0, 1, 8, 8]]
+        blocks = [spherical_block(0, SAMPLES[1]), spherical_block(0, [[0, 1]]), oxygen]
+    else:
+        # O: two blocks of one length, other samples; the second repeats one
+        keys = [[0, 1, 8, 1], [0, 1, 8, 8], [0, 1, 1, 1]]
+        blocks = [spherical_block(0, [[0, 0], [0, 5]]), oxygen, spherical_block(0, SAMPLES[1])]
+    tensor = tensor_map(keys, blocks, assume_unique=True)
+    assert_fails(conv, (tensor,), DUPLICATE, scripted)
+
+
+@scripted
 def test_integer_values_in_e3nn_basis(scripted):
     """Integers cannot hold the dense l = 2 change of basis: it would be truncated."""
     conv = to_irreps(scripted, basis="e3nn")
     block = spherical_block(2, SAMPLES[1], dtype=torch.int64)
     tensor = with_every_center([[2, 1, 1, 1]], [block], dtype=torch.int64)
-    assert_fails(conv, (tensor,), r"(?i)(dtype|floating)", scripted)
+    assert_fails(conv, (tensor,), r"torch\.int64 values.*floating point", scripted)
 
 
 # ---------------------------------------------------------------------- IrrepsToTensorMap.forward
@@ -422,9 +446,26 @@ def test_duplicated_samples_inverse(scripted):
     module = inverse(scripted)
     samples = rows([[0, 1, 1], [0, 1, 1]], assume_unique=True)
     assert_fails(module, (torch.zeros(2, DIM), samples), DUPLICATE, scripted)
-    # distinct rows, duplicated once the extra dimension is dropped
+
+
+
+@scripted
+def test_inverse_refuses_sample_columns_that_forward_rows_refuse(scripted):
+    """The inverse of TensorMapToIrreps takes the columns its samples() gives, as
+    forward's `rows` does: another column is an error, not silently dropped."""
+    message = r"dimension 'extra'.*neither a sample dimension"
     samples = rows([[0, 1, 1, 0], [0, 1, 1, 1]], names=ROW_NAMES + ["extra"])
-    assert_fails(module, (torch.zeros(2, DIM), samples), DUPLICATE, scripted)
+    assert_fails(inverse(scripted), (torch.zeros(2, DIM), samples), message, scripted)
+    conv = to_irreps(scripted)
+    assert_fails(conv, (valid_input(), samples), message, scripted)
+
+
+@scripted
+def test_rows_on_another_device_than_the_tensor(scripted):
+    conv = to_irreps(scripted)
+    values = torch.tensor([[0, 1]], dtype=torch.int32, device="meta")
+    wanted = Labels(SAMPLE_NAMES, values, assume_unique=True)
+    assert_fails(conv, (valid_input(), wanted), r"rows are on meta.*input on cpu", scripted)
 
 
 @scripted
@@ -432,7 +473,7 @@ def test_integer_input_in_e3nn_basis(scripted):
     module = from_irreps(scripted, "1x2e", basis="e3nn")
     samples = Labels(["system"], torch.tensor([[0]], dtype=torch.int32))
     x = torch.tensor([[1, 2, 3, 4, 5]])
-    assert_fails(module, (x, samples), r"(?i)(dtype|floating)", scripted)
+    assert_fails(module, (x, samples), r"floating point.*torch\.int64", scripted)
 
 
 # ---------------------------------------------------------------------- devices

@@ -11,6 +11,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
+import pytest
 import torch
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
@@ -162,8 +163,11 @@ def layouts(draw, max_l: int = 8, max_irreps: int = 3):
 
 
 @st.composite
-def cases(draw, dtype=None, max_l: int = 8, distinct: bool = False) -> Case:
-    """A template of a random layout and an input using part of it."""
+def cases(draw, dtype=None, max_l: int = 8, distinct: bool = False, trusted: bool = False) -> Case:
+    """A template of a random layout and an input using part of it. ``trusted``: an
+    input as the template's producer (featomic) gives them, which ``check=False``
+    takes: the blocks of a row group share their samples, and a block with every
+    property of the template's block has them in the template's order."""
     key_names, keys, property_names, properties, row_keys = draw(layouts(max_l=max_l))
     if dtype is None:
         dtype = draw(st.sampled_from(DTYPES))
@@ -188,7 +192,8 @@ def cases(draw, dtype=None, max_l: int = 8, distinct: bool = False) -> Case:
     chosen = draw(st.permutations(chosen))
     input_names = draw(st.permutations(key_names))
     shared: Dict[Tuple[int, ...], List[Tuple[int, int]]] = {}
-    share = draw(st.booleans())  # blocks of one row group often share their samples
+    # blocks of one row group often share their samples
+    share = True if trusted else draw(st.booleans())
     blocks = []
     counter = 1
     input_keys = []
@@ -199,6 +204,8 @@ def cases(draw, dtype=None, max_l: int = 8, distinct: bool = False) -> Case:
         if properties[index]:  # any subset in any order, rarely none
             least = draw(st.sampled_from([1, 1, 1, 1, 1, 0]))
             props = draw(st.lists(st.sampled_from(properties[index]), min_size=least, unique=True))
+            if trusted and len(props) == len(properties[index]):
+                props = list(properties[index])
         group = tuple(key[n] for n in row_keys)
         if share and group in shared:
             samples = shared[group]
@@ -329,6 +336,22 @@ def test_matches_reference(case, basis, layout):
 
 
 @given(
+    case=cases(trusted=True),
+    basis=st.sampled_from(BASES),
+    layout=st.sampled_from(LAYOUTS),
+)
+@SETTINGS
+def test_unchecked_matches_reference(case, basis, layout):
+    """check=False on inputs as featomic gives them (the blocks of a row group share
+    their samples, full property sets in the template's order; keys of any order,
+    subset and dimension order): the same as the reference."""
+    conv = TensorMapToIrreps(
+        case.template, basis=basis, layout=layout, row_keys=case.row_keys, check=False
+    )
+    check_forward(conv, case.template, case.tensor, case.row_keys, basis, layout)
+
+
+@given(
     case=cases(distinct=True), layout=st.sampled_from(LAYOUTS)
 )
 @SETTINGS
@@ -405,13 +428,19 @@ def test_inverse_matches_reference(layout_data, basis, layout, dtype, data):
             error = difference.abs().max().item() if difference.numel() else 0.0
             assert error <= atol, (key, sample, error)
 
-    # with check=True, nothing is dropped: either the conversion refuses, or
-    # converting its output back gives x again
-    try:
-        checked = conv.inverse()(x, samples)
-    except ValueError as error:
-        assert "would be dropped" in str(error)
-        return
+    # with check=True, nothing is dropped: a value in a channel that no block holds
+    # for its row is refused, and once those are zero, converting the output back
+    # gives x again
+    columns = conv.plan.column_map(basis, layout)
+    _, widths = conv.plan.offsets()
+    holes = torch.stack([columns[g] == widths[g] for g in range(len(groups))])
+    group_of = [groups.index(tuple(r[len(SAMPLE_NAMES):])) for r in rows]
+    in_holes = holes[group_of] if rows else torch.zeros(0, x.shape[1], dtype=torch.bool)
+    if bool(in_holes.any()):
+        with pytest.raises(ValueError, match="would be dropped"):
+            conv.inverse()(x, samples)
+        x = torch.where(in_holes, torch.zeros_like(x), x)
+    checked = conv.inverse()(x, samples)
     if len(rows) == 0:
         return
     again = conv(checked)

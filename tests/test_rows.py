@@ -137,3 +137,86 @@ def test_rows_for_atom_centred_features_select_atoms():
     y = module(tensor, wanted)
     atoms = samples.values[:, 1].tolist()
     assert torch.equal(y, x[[atoms.index(a) for a in order]])
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+def test_rows_with_some_of_the_row_key_columns_name_the_missing_one(scripted):
+    """Rows are (system, atom, center_type, neighbor_type); `rows` with the center
+    type but not the neighbour type cannot tell the neighbour types apart: an error
+    naming the missing column, never rows silently dropped."""
+    from _systems import spherical_expansion
+
+    tensor = spherical_expansion(max_angular=1, max_radial=1)([water_sodium()])
+    module = TensorMapToIrreps(tensor, row_keys=["center_type", "neighbor_type"])
+    if scripted:
+        module = torch.jit.script(module)
+    samples = module.samples(tensor)
+    x = module(tensor)
+    assert torch.equal(module(tensor, samples), x)
+    names = ["system", "atom", "center_type"]
+    partial = torch.unique(samples.values[:, :3], dim=0)
+    missing = r"lack the row-key column.*\['?neighbor_type'?\]"
+    with pytest.raises((ValueError, torch.jit.Error), match=missing):
+        module(tensor, Labels(names, partial))
+    # without any row-key column: the same
+    plain = torch.unique(samples.values[:, :2], dim=0)
+    both = r"lack the row-key column.*center_type'?, '?neighbor_type"
+    with pytest.raises((ValueError, torch.jit.Error), match=both):
+        module(tensor, Labels(["system", "atom"], plain))
+
+
+def vesin_edges(system, cutoff):
+    """A GNN's edge list: vesin's full neighbour list (i -> j and j -> i, no
+    self-pairs), as `rows` Labels of featomic's pair samples."""
+    import numpy as np
+    import vesin
+
+    i, j, S = vesin.NeighborList(cutoff=cutoff, full_list=True).compute(
+        points=system.positions.numpy(), box=system.cell.numpy(), periodic=True,
+        quantities="ijS",
+    )
+    values = np.concatenate([np.zeros((len(i), 1)), i[:, None], j[:, None], S], axis=1)
+    names = ["system", "first_atom", "second_atom", "cell_shift_a", "cell_shift_b", "cell_shift_c"]
+    return Labels(names, torch.tensor(values, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+def test_a_gnn_edge_list_takes_exactly_its_edges(scripted, pair_tensor):
+    """featomic's pairs include one self-pair (i, i, 0, 0, 0) per atom (l = 0 blocks
+    only), vesin's edges none: unlisted_rows='drop' takes exactly the edges, in
+    their order; the default refuses to drop the self-pairs silently."""
+    edges = vesin_edges(water_sodium(), cutoff=3.5)
+    strict = TensorMapToIrreps(pair_tensor)
+    module = TensorMapToIrreps(pair_tensor, unlisted_rows="drop")
+    if scripted:
+        strict, module = torch.jit.script(strict), torch.jit.script(module)
+    x = strict(pair_tensor)
+    samples = strict.samples(pair_tensor)
+    sample_rows = [tuple(r[:6]) for r in samples.values.tolist()]
+    self_pairs = [r for r in sample_rows if r[1] == r[2] and not any(r[3:])]
+    assert len(self_pairs) == len(water_sodium().types)
+    y = module(pair_tensor, edges)
+    assert y.shape == (len(edges), x.shape[1])
+    for e, edge in enumerate(edges.values.tolist()):
+        # every edge is one of featomic's pairs (same cutoff), self-pairs aside
+        assert torch.equal(y[e], x[sample_rows.index(tuple(edge))])
+    assert len(edges) == len(sample_rows) - len(self_pairs)
+    with pytest.raises((ValueError, torch.jit.Error), match=r"not in `rows`.*unlisted_rows='drop'"):
+        strict(pair_tensor, edges)
+
+
+def test_an_atom_selection():
+    tensor = ft.LodeSphericalExpansion(
+        density={"type": "SmearedPowerLaw", "smearing": 1.0, "exponent": 1},
+        basis={"type": "TensorProduct", "max_angular": 2,
+               "radial": {"type": "Gto", "max_radial": 1, "radius": 3.0}},
+    )([water_sodium()])
+    module = TensorMapToIrreps(tensor, unlisted_rows="drop")
+    x = module(tensor)
+    atoms = module.samples(tensor).values[:, 1].tolist()
+    wanted = Labels(["system", "atom"], torch.tensor([[0, 4], [0, 1]], dtype=torch.int32))
+    assert torch.equal(module(tensor, wanted), x[[atoms.index(4), atoms.index(1)]])
+    with pytest.raises(ValueError, match="not in `rows`"):
+        TensorMapToIrreps(tensor)(tensor, wanted)
+    with pytest.raises(ValueError, match="unlisted_rows must be one of"):
+        TensorMapToIrreps(tensor, unlisted_rows="ignore")

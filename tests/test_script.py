@@ -155,3 +155,31 @@ def test_torch_compile(tensor):
     conv = TensorMapToIrreps(tensor)
     compiled = torch.compile(conv, backend="eager")
     assert torch.equal(compiled(tensor), conv(tensor))
+
+
+def test_sequential_does_not_script_a_typed_module_does():
+    """TorchScript types a scripted nn.Sequential's input as a Tensor, so a
+    Sequential starting with a featomic calculator (List[System] input) does not
+    script (eager, it runs); a small module with a typed forward does, and gives the
+    eager numbers."""
+    calculator = spherical_expansion(max_angular=2, max_radial=1)
+    to_irreps = TensorMapToIrreps.from_calculator(calculator, [1, 8, 11])
+    linear = o3.Linear(to_irreps.irreps_out, "2x0e + 1x1o").to(torch.float64)
+    sequential = torch.nn.Sequential(calculator, to_irreps, linear)
+    systems = [water_sodium()]
+    expected = sequential(systems)
+    with pytest.raises(RuntimeError):
+        torch.jit.script(sequential)
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.calculator = calculator
+            self.to_irreps = to_irreps
+            self.linear = linear
+
+        def forward(self, systems: List[System]) -> torch.Tensor:
+            return self.linear(self.to_irreps(self.calculator(systems)))
+
+    scripted = torch.jit.script(Model())
+    torch.testing.assert_close(scripted(systems), expected, rtol=0, atol=1e-14)

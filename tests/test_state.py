@@ -133,18 +133,28 @@ def test_unchecked_equals_checked_equals_reference(basis):
         assert [tuple(r) for r in module.samples(tensor).values.tolist()] == rows
 
 
-def test_unchecked_full_key_set_in_another_order_fails_loudly():
-    """check=False and every template key present: the keys are taken in the
-    template's order without a host read, and keys that differ make every row index
-    out of range, so that the row gather fails loudly; check=True matches them by
-    value."""
+@pytest.mark.parametrize("scripted", [False, True], ids=["eager", "scripted"])
+def test_unchecked_keys_other_than_the_templates(scripted):
+    """check=False and as many keys as the template: keys in the template's order are
+    taken as they are (one host read); in another order they are matched by value,
+    and a key the template does not have is a ValueError naming it, never an index
+    out of range (a device-side assert on CUDA)."""
     tensor = with_holes()
     # swap two blocks of the same shape (l = 0, center H, neighbours H and O)
     order = [1, 0, 2, 3, 4, 5]
     blocks = [tensor.block_by_id(i).copy() for i in order]
     reordered = TensorMap(Labels(tensor.keys.names, tensor.keys.values[order]), blocks)
     expected = TensorMapToIrreps(tensor)(tensor)
+    unchecked = TensorMapToIrreps(tensor, check=False)
+    if scripted:
+        unchecked = torch.jit.script(unchecked)
     assert torch.equal(TensorMapToIrreps(tensor)(reordered), expected)
-    assert torch.equal(TensorMapToIrreps(tensor, check=False)(tensor), expected)
-    with pytest.raises((RuntimeError, IndexError), match="out of range"):
-        TensorMapToIrreps(tensor, check=False)(reordered)
+    assert torch.equal(unchecked(tensor), expected)
+    assert torch.equal(unchecked(reordered), expected)
+    # the same number of keys, one of them another type's
+    values = tensor.keys.values.clone()
+    values[3, 3] = 6  # (l=2, center H, neighbour O) -> neighbour C
+    foreign = TensorMap(Labels(tensor.keys.names, values), [b.copy() for b in tensor.blocks()])
+    message = r"block \(o3_lambda=2, o3_sigma=1, center_type=1, neighbor_type=6\) is not in the layout"
+    with pytest.raises((ValueError, torch.jit.Error), match=message):
+        unchecked(foreign)

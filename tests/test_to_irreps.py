@@ -92,6 +92,28 @@ def test_from_calculator_equals_template_layout():
     assert torch.equal(from_calc(tensor), from_template(tensor))
 
 
+def test_from_calculator_pairs_equals_the_real_outputs_layout():
+    """SphericalExpansionByPair: keys (o3_lambda, o3_sigma, first_atom_type,
+    second_atom_type), samples (system, first_atom, second_atom, cell_shift_a/b/c),
+    as featomic gives them; atom types given as a generator (read once)."""
+    from test_rows import pairs
+
+    calculator = pairs()
+    tensor = calculator([water_sodium()])  # every pair of H, O, Na occurs
+    from_calc = TensorMapToIrreps.from_calculator(calculator, (t for t in [11, 1, 8]))
+    from_template = TensorMapToIrreps(tensor)
+    assert from_calc.keys() == tensor.keys
+    assert from_calc.plan.sample_names == tensor.sample_names
+    assert from_calc.plan.row_key_names == ["first_atom_type", "second_atom_type"]
+    assert from_calc.irreps_out == from_template.irreps_out
+    assert from_calc.plan.channels == from_template.plan.channels
+    assert torch.equal(from_calc(tensor), from_template(tensor))
+    assert from_calc.samples(tensor) == from_template.samples(tensor)
+    for key, block in tensor.items():
+        planned = from_calc.plan.blocks[from_calc.keys().position(key)]
+        assert torch.equal(planned.properties, block.properties.values)
+
+
 def test_from_calculator_explicit_basis():
     import featomic.torch as ft
 
