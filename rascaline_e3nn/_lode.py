@@ -18,6 +18,7 @@ from e3nn import o3
 from metatensor.torch import Labels, TensorBlock, TensorMap
 from metatomic.torch import System
 
+from ._batch import int_list
 from ._conventions import BASES, LAYOUTS, change_of_basis, check_option
 from ._lode_radial import LodeRadialIntegral, parse_hypers
 
@@ -56,7 +57,7 @@ def k_vectors(cells: torch.Tensor, k_cutoff: float) -> Tuple[torch.Tensor, torch
     mask : torch.Tensor
         ``[n_systems, max_k]`` boolean, ``False`` on the padding.
 
-    >>> n, mask = k_vectors(torch.eye(3, dtype=torch.float64)[None] * 2 * math.pi, 1.5)
+    >>> n, mask = k_vectors(torch.eye(3, dtype=torch.float64)[None] * 2 * math.pi, 1.2)
     >>> n[0][mask[0]].tolist()
     [[0, 0, 1], [0, 1, 0], [1, 0, 0]]
     """
@@ -72,10 +73,10 @@ def k_vectors(cells: torch.Tensor, k_cutoff: float) -> Tuple[torch.Tensor, torch
         dim=1,
     )
     bounds = (bounds / volume[:, None] * k_cutoff).to(torch.int64)  # truncation, as Rust's `as`
-    largest: List[int] = bounds.max(dim=0).values.tolist()
-    n1 = torch.arange(0, largest[0] + 1)
-    n2 = torch.arange(-largest[1], largest[1] + 1)
-    n3 = torch.arange(-largest[2], largest[2] + 1)
+    largest = bounds.max(dim=0).values
+    n1 = torch.arange(0, int(largest[0]) + 1)
+    n2 = torch.arange(-int(largest[1]), int(largest[1]) + 1)
+    n3 = torch.arange(-int(largest[2]), int(largest[2]) + 1)
     grid = torch.cartesian_prod(n1, n2, n3).reshape(-1, 3)
     half = (grid[:, 0] > 0) | ((grid[:, 0] == 0) & (grid[:, 1] > 0))
     half = half | ((grid[:, 0] == 0) & (grid[:, 1] == 0) & (grid[:, 2] > 0))
@@ -236,7 +237,10 @@ class LodeSphericalExpansion(torch.nn.Module):
             sizes.append(system.positions.shape[0])
         for system in systems:
             parts.append(system.types.to(torch.float64))
-        host = torch.cat(parts).cpu()
+        # the batch's one read from the device (marked for torch.profiler, which
+        # counts the package's host reads as ``rascaline_e3nn::host_read``)
+        with torch.autograd.profiler.record_function("rascaline_e3nn::host_read"):
+            host = torch.cat(parts).cpu()
         n_systems = len(systems)
         head = host[: 12 * n_systems].reshape(n_systems, 12)
         cells = head[:, :9].reshape(n_systems, 3, 3)
@@ -247,6 +251,8 @@ class LodeSphericalExpansion(torch.nn.Module):
                     f"LODE can only be used with periodic systems: system {i} is not "
                     "periodic in every direction"
                 )
+            if float(torch.linalg.det(cells[i])) == 0.0:
+                raise ValueError(f"the cell of system {i} is singular")
         types = host[12 * n_systems :].to(torch.int64)
         return cells, types, sizes
 
@@ -536,9 +542,11 @@ class LodeSphericalExpansion(torch.nn.Module):
 
         samples_by_pair: Dict[str, Tuple[Labels, torch.Tensor]] = {}
         blocks: List[TensorBlock] = []
-        key_rows: List[List[int]] = keys_values.tolist()
-        for row in key_rows:
-            l, sigma, center, neighbor = row[0], row[1], row[2], row[3]
+        for i in range(keys_values.shape[0]):
+            l = int(keys_values[i, 0])
+            sigma = int(keys_values[i, 1])
+            center = int(keys_values[i, 2])
+            neighbor = int(keys_values[i, 3])
             if sigma != 1 or l < 0 or l > self.max_angular:
                 raise ValueError(
                     f"selected key (o3_lambda={l}, o3_sigma={sigma}) is not computed by "
@@ -644,7 +652,7 @@ class LodeToIrreps(torch.nn.Module):
         index = torch.searchsorted(known, types_host).clamp(max=known.shape[0] - 1)
         unknown = known[index] != types_host
         if bool(unknown.any()):
-            bad: List[int] = torch.unique(types_host[unknown]).tolist()
+            bad = int_list(torch.unique(types_host[unknown]))
             raise ValueError(
                 f"atom types {bad} are not among the atom_types {self.atom_types} "
                 "of this module"

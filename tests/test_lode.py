@@ -635,3 +635,17 @@ def test_whole_models_pickle(tmp_path):
     reloaded = torch.load(tmp_path / "model.pt", weights_only=False)
     assert torch.equal(reloaded["irreps"](systems), model["irreps"](systems))
     assert_same_tensor_map(model["lode"](systems), reloaded["lode"](systems), 0.0)
+
+
+def test_one_host_read_per_batch():
+    """The cells and types of the batch, read once (``rascaline_e3nn::host_read``,
+    which the profiler sees on the CPU too); the rest is uploads and device work."""
+    calculator = LodeSphericalExpansion(**hypers(1, 3, 2))
+    systems = random_batch(220, 3)
+    direct = calculator.to_irreps([1, 8, 11])
+    for module in [direct, torch.jit.script(direct)]:
+        module(systems)
+        with torch.profiler.profile() as profile:
+            module(systems)
+        reads = [e for e in profile.events() if e.name == "rascaline_e3nn::host_read"]
+        assert len(reads) == 1
