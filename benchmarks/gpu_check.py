@@ -8,10 +8,11 @@ host synchronisations of one forward.
 2. A real featomic ``SphericalExpansion`` batch (8 boxes of 64 Na/Cl/O atoms,
    computed on the CPU, then moved): the same for the module of
    ``from_calculator``.
-3. Synchronisations: one forward with ``check=False`` under
-   ``torch.cuda.set_sync_debug_mode("error")`` (did it raise, and where), one with
-   ``check=True`` under ``"warn"`` (how many warnings, from where), and
-   ``Labels.position`` / ``==`` on device Labels under ``"error"``.
+3. Synchronisations: one forward with ``check=False`` and one with ``check=True``,
+   each under ``torch.cuda.set_sync_debug_mode("warn")`` (how many warnings, from
+   where; ``check=False`` is expected to synchronise once, reading the keys'
+   verdict, as ``tests/test_operations.py`` asserts), and ``Labels.position`` /
+   ``==`` on device Labels under ``"error"``.
 
 4. ``LodeSphericalExpansion.to_irreps`` on rock-salt boxes of 64 to 4096 atoms:
    the device's result against the CPU's, forward and forward+backward (to the
@@ -270,19 +271,21 @@ def main():
         for label, tensor, make in cases:
             if tensor is None:
                 continue
-            for check, kind in ((False, "error"), (True, "warn")):
+            kind = "warn"
+            for check in (False, True):
                 eager = make(check).to(device)
                 for form, module in (("eager", eager), ("scripted", torch.jit.script(eager))):
                     key = f"{label}, check={check}, {form}"
                     try:
                         with torch.no_grad():
                             module(tensor)  # warm up outside the debug mode
-                            if kind == "error":
-                                result = raises_sync(device, lambda: module(tensor))
-                            else:
-                                result = counts_syncs(device, lambda: module(tensor))
+                            result = counts_syncs(device, lambda: module(tensor))
                     except Exception as e:  # noqa: BLE001
                         result = {"failed": f"{type(e).__name__}: {e}"}
+                    if not check and label.startswith("featomic-like") and "warnings" in result:
+                        # blocks of a row group sharing their samples: one sync expected,
+                        # the read of the keys' verdict
+                        result["expected_on_cuda"] = 1
                     syncs[key] = {"mode": kind, **result}
                     print(f"{key} [{kind}]: {json.dumps(result)}", flush=True)
         RESULTS["syncs"] = syncs
