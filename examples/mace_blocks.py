@@ -26,8 +26,8 @@ mace-torch pins e3nn 0.4.4 (this package supports it). e3nn 0.4.4 reads its cons
 with ``torch.load``, which torch >= 2.6 refuses by default: the script allows the
 ``slice`` objects they contain (``torch.serialization.add_safe_globals``) before e3nn
 is imported, and restores the ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` that importing
-``mace`` sets for the whole process. Install with ``pip install mace-torch`` (in an
-environment of its own: it downgrades e3nn), then run ``python examples/mace_blocks.py``
+``mace`` sets for the whole process. Install with ``pip install -e ".[examples,mace]"`` (in an
+environment of its own: mace-torch downgrades e3nn to 0.4.4), then run ``python examples/mace_blocks.py``
 (a few seconds).
 """
 
@@ -62,7 +62,7 @@ try:
     )
 except ImportError as error:  # pragma: no cover - depends on the environment
     raise SystemExit(
-        f"this example needs mace-torch ({error}): pip install mace-torch, which pins "
+        f"this example needs mace-torch ({error}): pip install -e '.[examples,mace]', which pins "
         "e3nn 0.4.4 (use an environment of its own)") from error
 finally:
     if _NO_WEIGHTS_ONLY is None:
