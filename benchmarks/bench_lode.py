@@ -7,9 +7,9 @@ backward to the positions (a scalar loss on every block), this module beside
 featomic, in one run, with the ratio. featomic's backward costs O(N^3) (its position
 gradients are a dense (atom, atom) array summed over every k-vector), so its forward
 + backward is timed up to ``--featomic-backward-max`` atoms only; its forward up to
-``--featomic-max``. ``--memory`` measures the peak memory (resident set growth of a
-fresh process) of this module's forward and forward + backward, default and
-``low_memory=True``. ``--plot`` draws time against atoms, log-log.
+``--featomic-max``. The peak memory of this module's forward and forward + backward,
+default and ``low_memory=True``, is the growth of a fresh process's peak resident set
+(Linux's ``VmHWM``, reset before the call) over its resident set before the call. ``--plot`` draws time against atoms, log-log.
 
     python benchmarks/bench_lode.py --plot docs/lode_scaling.png
     python benchmarks/bench_lode.py --sides 4 6 --memory-sides 4   # a quick look
@@ -93,20 +93,26 @@ def forward_backward(calculator, side):
 
 
 MEMORY_CHILD = """
-import resource, sys, torch
+import sys, torch
 sys.path.insert(0, {here!r})
 from bench_lode import HYPERS, rock_salt
 from rascaline_e3nn import LodeSphericalExpansion
+
+def status(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field))
+
 torch.set_num_threads({threads})
 calculator = LodeSphericalExpansion(**HYPERS, low_memory={low_memory})
 system = rock_salt({side}, requires_grad={backward})
 calculator([rock_salt(2)])
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+before = status("VmRSS:")
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # resets the peak resident set (VmHWM) to the current one
 tensor = calculator([system])
 if {backward}:
     sum((b.values ** 2).sum() for b in tensor.blocks()).backward()
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print((after - before) / 1024)
+print((status("VmHWM:") - before) / 1024)
 """
 
 
@@ -121,7 +127,7 @@ def peak_memory_mb(side: int, backward: bool, low_memory: bool, threads: int) ->
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sides", type=int, nargs="+", default=[4, 6, 8, 10, 13, 16],
+    parser.add_argument("--sides", type=int, nargs="*", default=[4, 6, 8, 10, 13, 16],
                         help="boxes of side**3 atoms (default: 64 to 4096 atoms)")
     parser.add_argument("--featomic-max", type=int, default=1000,
                         help="featomic's forward up to this many atoms")
@@ -186,7 +192,7 @@ def main():
 
     memory = []
     if args.memory_sides:
-        print("\npeak memory of this module (growth of a fresh process's resident set, MB):")
+        print("\npeak memory of this module (peak resident set over the one before the call, MB):")
         print(f"{'atoms':>6} | {'forward':>8} {'fwd+bwd':>8} | {'low_memory fwd+bwd':>18}")
         for side in args.memory_sides:
             entry = {
