@@ -425,3 +425,61 @@ def test_short_range_model_has_the_exact_stress(tmp_path):
     numerical = strain_derivatives(atoms, fresh, [(0, 0), (1, 1), (0, 1), (1, 2)])
     for (i, j), value in numerical.items():
         assert abs(stress[i, j] - value) < 1e-6, (i, j)
+
+
+def test_md_example_npt_changes_the_cell(exported, capsys):
+    """examples/md_ase.py: a few NVE and NPT (Berendsen barostat) steps on the exported
+    model; the barostat moves the cell from the model's stress, and everything stays
+    finite."""
+    import md_ase
+
+    _, path, extensions = exported
+    results = md_ase.main([path, "--extensions", extensions, "--ensemble", "both",
+                           "--steps", "4", "--print-every", "2", "--taup", "20"])
+    printed = capsys.readouterr().out
+    assert "NVE" in printed and "NPT" in printed and "time per step" in printed
+    nve, npt = results["nve"], results["npt"]
+    assert len(npt["volume"]) == 5 and len(nve["volume"]) == 5
+    for series in (nve, npt):
+        for name in ("volume", "pressure_gpa", "temperature", "potential", "total"):
+            assert np.isfinite(series[name]).all(), name
+    assert len(set(nve["volume"])) == 1
+    assert abs(npt["volume"][-1] - npt["volume"][0]) > 1e-3
+    # isotropic: the cubic cell stays cubic
+    cell = npt["cell"][-1]
+    np.testing.assert_allclose(cell, np.eye(3) * cell[0, 0], rtol=0, atol=1e-12)
+    assert cell[0, 0] != npt["cell"][0][0, 0]
+
+
+def test_born_mayer_repulsion_against_finite_differences():
+    """The repulsion md_ase.py adds: forces and stress are derivatives of its energy,
+    and with point charges it puts rock salt in equilibrium at a = 5.64 Å."""
+    import md_ase
+
+    atoms = crystal(seed=3, rattle=0.1)
+    atoms.calc = md_ase.BornMayer.for_rock_salt()
+    forces = atoms.get_forces()
+    stress = atoms.get_stress(voigt=False)
+    h = 1e-5
+    for atom, axis in [(0, 0), (5, 2)]:
+        shifted = []
+        for sign in (1, -1):
+            moved = atoms.copy()
+            moved.positions[atom, axis] += sign * h
+            moved.calc = md_ase.BornMayer.for_rock_salt()
+            shifted.append(moved.get_potential_energy())
+        assert abs(-(shifted[0] - shifted[1]) / (2 * h) - forces[atom, axis]) < 1e-6
+    numerical = strain_derivatives(atoms, md_ase.BornMayer.for_rock_salt(),
+                                   [(0, 0), (1, 2)])
+    for (i, j), value in numerical.items():
+        assert abs(stress[i, j] - value) < 1e-7, (i, j)
+
+    # equilibrium: d/da [Madelung + repulsion] = 0 at 5.64 Å (nearest neighbours dominate)
+    def energy(a):
+        crystal_a = rock_salt_atoms(a=a)
+        crystal_a.calc = md_ase.BornMayer.for_rock_salt()
+        madelung = -md_ase.MADELUNG * md_ase.COULOMB / (a / 2) * len(crystal_a) / 2
+        return crystal_a.get_potential_energy() + madelung
+
+    slope = (energy(5.64 + 1e-4) - energy(5.64 - 1e-4)) / 2e-4
+    assert abs(slope) < 0.05
