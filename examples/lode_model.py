@@ -273,7 +273,7 @@ class EnergyModel(torch.nn.Module):
         return x, species, system, atom
 
     def energies_from_irreps(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        """Per-row energies from the adapter's output ``x`` and the species index
+        """Per-row energies from the descriptors ``x`` and the species index
         (position in ``atom_types``) of each row."""
         x = x @ self.feature_transform.to(x.dtype)
         energies = self.head(x, species)

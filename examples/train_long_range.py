@@ -444,8 +444,9 @@ json.dump({
 def check_saved_model(path: str, model, systems: List[System], directory: str,
                       featomic: bool = False) -> Dict:
     """Reload ``model.pt`` in a fresh Python process (importing only torch,
-    metatensor and metatomic, and featomic if ``featomic``) and compare its energies with the trained model's; rotate the
-    first structure and check the energy's invariance and the forces' equivariance."""
+    metatensor and metatomic, and featomic if ``featomic``) and compare its energies
+    with the trained model's; rotate the first structure and check the energy's
+    invariance and the forces' equivariance."""
     from e3nn import o3
 
     data = {
@@ -524,7 +525,8 @@ def parse_args(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=1,
                         help="PyTorch threads (the e3nn layers work on small batches, "
-                        "where more threads mostly wait; featomic has its own pool)")
+                        "where more threads mostly wait; rascaline_e3nn's LODE runs on these too, "
+                        "featomic has its own pool)")
     return parser.parse_args(argv)
 
 

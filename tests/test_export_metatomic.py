@@ -46,8 +46,8 @@ def export_run(directory, kind, hypers):
     ``model_config.json``; random weights on every path, energies made larger than
     initialisation's so that forces, stress and MD are not trivially small), export it
     with ``export_metatomic.py --run`` in a fresh process (metatomic collects every
-    TorchScript extension loaded in the exporting process), and return the rebuilt model, the exported file and its
-    extensions directory."""
+    TorchScript extension loaded in the exporting process), and return the rebuilt
+    model, the exported file and its extensions directory."""
     torch.manual_seed(0)
     config = model_config(kind, [11, 17], hypers, hidden=4, mul=2)
     model = build_model(**config)
