@@ -177,6 +177,15 @@ def has_featomic_lode(model: torch.nn.Module) -> bool:
     )
 
 
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors; floating ones to 1e-12."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(torch.allclose(a, b, rtol=0, atol=1e-12))
+    return bool(torch.equal(a, b))
+
+
 def load_trained(run: str, keep_featomic: bool = False):
     """Rebuild the model of ``run/model_config.json`` in Python and load the weights of
     ``run/model.pt`` into it; returns the model, the scripted one and the config.
@@ -202,11 +211,12 @@ def load_trained(run: str, keep_featomic: bool = False):
         state.update({k: v for k, v in model.state_dict().items()
                       if k.startswith("features.")})
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # a scripted module lists its non-persistent buffers (the adapters' index tables,
-    # planned from the hyper-parameters) in its state_dict: they must equal ours
+    # a scripted module lists its non-persistent buffers (the adapters' index tables
+    # and change-of-basis matrices, planned from the hyper-parameters) in its
+    # state_dict: they must equal ours (the matrices, fitted numerically, to rounding)
     buffers = dict(model.named_buffers(remove_duplicate=False))
     for name in unexpected:
-        if name not in buffers or not torch.equal(buffers[name], state[name]):
+        if name not in buffers or not same(buffers[name], state[name]):
             raise ValueError(f"{run}/model.pt does not match model_config.json: {name}")
     if len(missing) != 0:
         raise ValueError(f"{run}/model.pt lacks {missing}")
