@@ -42,8 +42,8 @@ from ase.calculators.mixing import SumCalculator
 from ase.md.nptberendsen import NPTBerendsen
 from ase.md.velocitydistribution import Stationary
 from ase.md.verlet import VelocityVerlet
-from ase.neighborlist import neighbor_list
 from metatomic_ase import MetatomicCalculator
+from vesin import NeighborList
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import NACL_A, rock_salt_atoms  # noqa: E402
@@ -56,8 +56,8 @@ MADELUNG = 1.747565
 
 class BornMayer(Calculator):
     """Born-Mayer repulsion between atoms of different types, ``A exp(-r / rho)`` for
-    each pair closer than ``cutoff`` (energy shifted to zero there): energy, forces and
-    stress. ``for_rock_salt(rho, a)`` sets ``A`` so that point charges +-1 plus this
+    each pair closer than ``cutoff`` (energy shifted to zero there; periodic in every
+    direction, pairs from vesin's neighbour list): energy, forces and stress. ``for_rock_salt(rho, a)`` sets ``A`` so that point charges +-1 plus this
     repulsion between nearest neighbours are in equilibrium at lattice constant ``a``."""
 
     implemented_properties = ["energy", "energies", "forces", "stress"]
@@ -75,7 +75,9 @@ class BornMayer(Calculator):
 
     def calculate(self, atoms=None, properties=("energy",), system_changes=all_changes):
         super().calculate(atoms, properties, system_changes)
-        i, j, r, D = neighbor_list("ijdD", self.atoms, self.cutoff)
+        i, j, r, D = NeighborList(cutoff=self.cutoff, full_list=True).compute(
+            points=self.atoms.positions, box=self.atoms.cell.array, periodic=True,
+            quantities="ijdD")
         numbers = self.atoms.numbers
         unlike = numbers[i] != numbers[j]
         i, j, r, D = i[unlike], j[unlike], r[unlike], D[unlike]
