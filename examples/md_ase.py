@@ -13,7 +13,9 @@ slightly displaced, velocities drawn at the given temperature):
 - ``--ensemble both`` (default): NVE, then NPT from the same start.
 
 Both print volume, pressure, temperature and energies over time, and the wall time per
-step (the calculator computes energy, forces and stress at every step).
+step (the calculator computes energy, forces and stress at every evaluation; NVE
+evaluates once per step, ASE's NPTBerendsen twice, since it rescales the cell before
+each velocity-Verlet step, which invalidates the forces of the previous one).
 
 The model of ``examples/train_long_range.py`` learns the Ewald energy of point charges:
 there is no short-range repulsion, and a crystal of point charges has no equilibrium
