@@ -2,22 +2,29 @@
 
 The exported file is meant for the engines that go through metatomic (ASE's
 ``metatomic_ase.MetatomicCalculator``, LAMMPS, i-PI, ...; ASE's is the one tested here),
-with the TorchScript extensions it needs copied to ``--extensions``. Inside: featomic's
-``LodeSphericalExpansion`` -> ``TensorMapToIrreps`` -> e3nn layers -> an ``energy``
-``TensorMap`` in eV, per system or per atom (``sample_kind="atom"``), restricted to
-``selected_atoms`` when the engine asks. A second, per-atom output,
-``rascaline-e3nn::irreps``, gives the e3nn input of each atom back as a metatensor
-``TensorMap`` through ``IrrepsToTensorMap`` (keys ``o3_lambda, o3_sigma``, components
-``o3_mu`` in featomic's basis).
+with the TorchScript extensions it needs copied to ``--extensions``. Inside:
+``rascaline_e3nn.LodeSphericalExpansion`` straight into an e3nn tensor
+(``calculator.to_irreps``) -> e3nn layers -> an ``energy`` ``TensorMap`` in eV, per
+system or per atom (``sample_kind="atom"``), restricted to ``selected_atoms`` when the
+engine asks. A second, per-atom output, ``rascaline-e3nn::irreps``, gives the e3nn input
+of each atom back as a metatensor ``TensorMap`` through ``IrrepsToTensorMap`` (keys
+``o3_lambda, o3_sigma``, components ``o3_mu`` in featomic's basis).
 
-Forces are exact: the engine differentiates the energy with respect to the positions.
-The stress is not available: featomic's LODE gives no gradients with respect to the
-cell, so the cell derivative of the energy (its reciprocal-space part included) is
-unknown. The model hands featomic a cell detached from autograd and adds to the energy
-a term that is exactly zero but whose gradient with respect to the cell is NaN: every
-stress or virial an engine derives from the cell comes out NaN (with a warning, once
-per model), never a finite number missing a part. (A model on featomic's
-``SphericalExpansion``, ``build_model("soap", ...)``, keeps the cell: its stress is exact.)
+Forces and stress are exact: the engine differentiates the energy with respect to the
+positions and the cell, and the LODE calculator is differentiable with respect to both
+(its reciprocal-space sum included). The model computes in float64 on the CPU or a CUDA
+device (``supported_devices``), wherever the engine puts it; the file needs
+torch, metatensor-torch and metatomic-torch only, not featomic nor this package.
+
+A model trained with featomic's LODE (``train_long_range.py --featomic``) has the same
+parameters: it is exported with ``rascaline_e3nn.LodeSphericalExpansion`` in place of
+featomic's calculator (the two agree to ~1e-14; the script checks the energies).
+``--featomic`` refuses to export featomic's calculator itself: featomic's LODE gives
+no gradients with respect to the cell, and metatomic engines differentiate the cell
+for the stress whenever they compute forces of a periodic system (ASE's calculator
+does), so such a model could report neither an exact stress nor, in ASE, forces.
+(A model on featomic's ``SphericalExpansion``, ``build_model("soap", ...)``, exports
+as it is, on the CPU: featomic differentiates its cell.)
 
 Run with ``python examples/export_metatomic.py`` (the model trained by
 ``examples/train_long_range.py`` in ``lode_e3nn_run/``) or
@@ -31,10 +38,8 @@ import json
 import math
 import os
 import sys
-import warnings
 from typing import Dict, List, Optional
 
-import featomic.torch
 import torch
 from e3nn.util.jit import compile as e3nn_compile
 from metatensor.torch import Labels, TensorBlock, TensorMap
@@ -49,15 +54,16 @@ from metatomic.torch import (
 import rascaline_e3nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import atom_indices, replace, rock_salt, sum_per_system  # noqa: E402
+from common import atom_indices, rock_salt, sum_per_system  # noqa: E402
 from lode_model import build_model  # noqa: E402
 
-#: the message of the warning the model emits when an engine asks for cell gradients
-STRESS_MESSAGE = (
-    "this model cannot compute the stress or virial: featomic's LODE gives no "
-    "gradients with respect to the cell, so the cell derivative of the energy (its "
-    "reciprocal-space part included) is unknown. Stress and virial come out NaN; "
-    "energies and forces are exact."
+#: why featomic's LODE calculator is not exported
+FEATOMIC_LODE_MESSAGE = (
+    "featomic's LodeSphericalExpansion gives no gradients with respect to the cell: "
+    "metatomic engines differentiate the cell for the stress (ASE's calculator whenever "
+    "it computes forces of a periodic system), so the exported model could report "
+    "neither an exact stress nor, in ASE, forces. Export the same model on "
+    "rascaline_e3nn.LodeSphericalExpansion (the default: same parameters, same values)."
 )
 
 
@@ -66,31 +72,25 @@ SPHERICAL_OUTPUT = "rascaline-e3nn::irreps"
 
 
 class MetatomicEnergy(torch.nn.Module):
-    """An energy model (``atomic_energies(systems) -> [total atoms]``, eV, holding
-    ``calculator`` and ``to_irreps``) with the metatomic model interface:
-    ``forward(systems, outputs, selected_atoms)``.
+    """An energy model (``lode_model.EnergyModel``: ``atomic_energies(systems) ->
+    [total atoms]`` in eV, ``rows(systems)`` its descriptors) with the metatomic model
+    interface: ``forward(systems, outputs, selected_atoms)``.
 
     Outputs: ``energy`` (per system or per atom) and ``SPHERICAL_OUTPUT``, the e3nn
-    input of the model per atom (``to_irreps``'s output) back in metatensor's
-    conventions through ``IrrepsToTensorMap``: keys ``o3_lambda, o3_sigma``,
-    components ``o3_mu`` in featomic's basis, one property per channel.
-
-    With ``cell_gradients=False`` (models with a LODE calculator), systems whose cell
-    requires grad reach the model with a detached cell; the energy of periodic ones
-    gains ``sqrt((cell - cell.detach())**2).sum()``: zero in value, NaN in its gradient
-    with respect to the cell.
+    input of the model per atom back in metatensor's conventions through
+    ``IrrepsToTensorMap``: keys ``o3_lambda, o3_sigma``, components ``o3_mu`` in
+    featomic's basis, one property per channel. The systems reach the model as the
+    engine gives them: gradients with respect to positions and cell (forces, stress)
+    come from autograd.
     """
 
-    def __init__(self, model: torch.nn.Module, cell_gradients: bool):
+    def __init__(self, model: torch.nn.Module):
         super().__init__()
         self.model = model
         self.to_tensor_map = rascaline_e3nn.IrrepsToTensorMap(
-            model.to_irreps.irreps_out, property_name="channel"
+            model.features.irreps_out, property_name="channel"
         )
         self.spherical_output = SPHERICAL_OUTPUT
-        self.cell_gradients = cell_gradients
-        self.stress_message = STRESS_MESSAGE
-        self.warned = False
 
     def forward(
         self,
@@ -104,35 +104,17 @@ class MetatomicEnergy(torch.nn.Module):
         for name, output in outputs.items():
             if len(output.explicit_gradients) != 0:
                 raise ValueError(f"this model computes no explicit gradients of {name}")
-        device = systems[0].positions.device
-
-        # zero in value; a NaN gradient with respect to each periodic cell that
-        # requires grad, which featomic's LODE cannot differentiate
-        cell_terms: List[torch.Tensor] = []
-        model_systems: List[System] = []
-        for system in systems:
-            term = torch.zeros((), dtype=system.positions.dtype, device=device)
-            if not self.cell_gradients and system.cell.requires_grad:
-                if bool(system.pbc.any()):
-                    if not self.warned:
-                        warnings.warn(self.stress_message)
-                        self.warned = True
-                    term = torch.sqrt((system.cell - system.cell.detach()) ** 2).sum()
-                # a non-periodic system goes on to featomic, whose error names the
-                # reason ("LODE can only be used with periodic systems")
-                system = replace(system, cell=system.cell.detach())
-            cell_terms.append(term)
-            model_systems.append(system)
 
         if "energy" in outputs:
-            energies = self.model.atomic_energies(model_systems)
+            energies = self.model.atomic_energies(systems)
             results["energy"] = self._energy(
-                systems, energies, torch.stack(cell_terms), outputs["energy"], selected_atoms
+                systems, energies, outputs["energy"], selected_atoms
             )
         if self.spherical_output in outputs:
-            features = self.model.calculator(model_systems)
-            x, rows = self.model.to_irreps.forward_with_samples(features)
-            samples = Labels(["system", "atom"], rows.values[:, :2])
+            x, _, system, atom = self.model.rows(systems)
+            samples = Labels(
+                ["system", "atom"], torch.stack([system, atom], 1).to(torch.int32)
+            )
             if selected_atoms is not None:
                 keep = samples.select(selected_atoms)
                 x = x[keep]
@@ -144,13 +126,11 @@ class MetatomicEnergy(torch.nn.Module):
         self,
         systems: List[System],
         energies: torch.Tensor,
-        cell_terms: torch.Tensor,
         output: ModelOutput,
         selected_atoms: Optional[Labels],
     ) -> TensorMap:
         device = energies.device
         system_index, atom_index = atom_indices(systems)
-        energies = energies + cell_terms[system_index]
         samples = Labels(["system", "atom"], torch.stack([system_index, atom_index], 1))
 
         if selected_atoms is not None:
@@ -181,26 +161,62 @@ class MetatomicEnergy(torch.nn.Module):
         return TensorMap(keys, [block])
 
 
+def calculator_of(model: torch.nn.Module) -> torch.nn.Module:
+    """The descriptor calculator of an ``EnergyModel``."""
+    return model.features.calculator
+
+
 def has_lode(model: torch.nn.Module) -> bool:
-    return any(
-        isinstance(module, featomic.torch.LodeSphericalExpansion) for module in model.modules()
+    """Whether ``model`` computes LODE descriptors (ours or featomic's)."""
+    return "Lode" in type(calculator_of(model)).__name__
+
+
+def has_featomic_lode(model: torch.nn.Module) -> bool:
+    return has_lode(model) and not isinstance(
+        calculator_of(model), rascaline_e3nn.LodeSphericalExpansion
     )
 
 
-def load_trained(run: str):
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal tensors; floating ones to 1e-12."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.is_floating_point():
+        return bool(torch.allclose(a, b, rtol=0, atol=1e-12))
+    return bool(torch.equal(a, b))
+
+
+def load_trained(run: str, keep_featomic: bool = False):
     """Rebuild the model of ``run/model_config.json`` in Python and load the weights of
-    ``run/model.pt`` into it; returns the model, the scripted one and the config."""
+    ``run/model.pt`` into it; returns the model, the scripted one and the config.
+
+    Unless ``keep_featomic``, a model trained on featomic's LODE (kind
+    ``"lode-featomic"``) is rebuilt on ``rascaline_e3nn.LodeSphericalExpansion`` (kind
+    ``"lode"``: the same hyper-parameters and weights; only the descriptors' own
+    tables differ)."""
     with open(os.path.join(run, "model_config.json")) as file:
         config = json.load(file)
+    trained_kind = config["kind"]
+    if trained_kind != "lode":
+        import featomic.torch  # noqa: F401  (model.pt holds featomic's TorchScript classes)
+    if trained_kind == "lode-featomic" and not keep_featomic:
+        config = {**config, "kind": "lode"}
     scripted = torch.jit.load(os.path.join(run, "model.pt"))
     model = build_model(**config)
     state = scripted.state_dict()
+    if config["kind"] != trained_kind:
+        # the descriptors' tables are those of featomic's pipeline; the head and the
+        # normalisation are shared
+        state = {k: v for k, v in state.items() if not k.startswith("features.")}
+        state.update({k: v for k, v in model.state_dict().items()
+                      if k.startswith("features.")})
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # a scripted module lists its non-persistent buffers (the adapters' index tables,
-    # planned from the hyper-parameters) in its state_dict: they must equal ours
-    buffers = dict(model.named_buffers())
+    # a scripted module lists its non-persistent buffers (the adapters' index tables
+    # and change-of-basis matrices, planned from the hyper-parameters) in its
+    # state_dict: they must equal ours (the matrices, fitted numerically, to rounding)
+    buffers = dict(model.named_buffers(remove_duplicate=False))
     for name in unexpected:
-        if name not in buffers or not torch.equal(buffers[name], state[name]):
+        if name not in buffers or not same(buffers[name], state[name]):
             raise ValueError(f"{run}/model.pt does not match model_config.json: {name}")
     if len(missing) != 0:
         raise ValueError(f"{run}/model.pt lacks {missing}")
@@ -221,9 +237,13 @@ def export(
 ):
     """Wrap ``model`` (an energy model on float64 systems, in eV and Å) as a metatomic
     ``AtomisticModel`` and save it to ``output``, with the TorchScript extensions it
-    needs (featomic-torch and its libraries; engines provide metatensor's and
-    metatomic's) copied to ``extensions`` when given; returns the ``AtomisticModel``."""
+    needs (featomic-torch and its libraries for a SOAP model; engines provide
+    metatensor's and metatomic's) copied to ``extensions`` when given; returns the
+    ``AtomisticModel``. A model on featomic's LODE is refused
+    (``FEATOMIC_LODE_MESSAGE``)."""
     model = model.eval()
+    if has_featomic_lode(model):
+        raise ValueError(FEATOMIC_LODE_MESSAGE)
     lode = has_lode(model)
     if lode:
         architecture = (
@@ -240,30 +260,32 @@ def export(
         description=description,
         references={
             "implementation": [
-                "featomic: https://github.com/metatensor/featomic",
+                "featomic: https://github.com/metatensor/featomic"
+                + (" (the LODE spherical expansion this model's reproduces)" if lode else ""),
                 "e3nn: M. Geiger and T. Smidt, e3nn: Euclidean Neural Networks, "
                 "arXiv:2207.09453 (2022), https://github.com/e3nn/e3nn",
-                f"rascaline-e3nn {rascaline_e3nn.__version__}: TensorMapToIrreps, "
-                "bridges from featomic TensorMaps to e3nn irreps tensors",
+                f"rascaline-e3nn {rascaline_e3nn.__version__}: "
+                + ("LodeSphericalExpansion (featomic's LODE in PyTorch) and its to_irreps"
+                   if lode else
+                   "TensorMapToIrreps, bridges from featomic TensorMaps to e3nn irreps "
+                   "tensors"),
                 "metatomic: https://github.com/metatensor/metatomic",
             ],
             "architecture": [architecture],
         },
     )
-    irreps = model.to_irreps.irreps_out
+    irreps = model.features.irreps_out
     capabilities = ModelCapabilities(
         outputs={
             "energy": ModelOutput(
                 unit="eV",
                 sample_kind="atom",
-                description="energy; stress and virial are NaN (LODE has no cell gradients)"
-                if lode
-                else "energy",
+                description="energy (forces and stress by autograd)",
             ),
             SPHERICAL_OUTPUT: ModelOutput(
                 sample_kind="atom",
-                description=f"the model's e3nn input per atom ({irreps}: featomic's "
-                f"{'LODE' if lode else 'SOAP'} spherical expansion, channels = "
+                description=f"the model's e3nn input per atom ({irreps}: "
+                f"{'the LODE' if lode else 'featomic SOAP'} spherical expansion, channels = "
                 "(neighbor_type, n)), back in metatensor's conventions (keys o3_lambda, "
                 "o3_sigma; components o3_mu)",
             ),
@@ -272,15 +294,15 @@ def export(
         # LODE features depend on every atom of the periodic system
         interaction_range=math.inf if lode else max(cutoffs(model)),
         length_unit="angstrom",
-        # featomic computes on the CPU only
-        supported_devices=["cpu"],
+        # rascaline_e3nn's LODE computes on the systems' device; featomic on the CPU
+        supported_devices=["cpu", "cuda"] if lode else ["cpu"],
         dtype="float64",
     )
     # e3nn's layers are compiled their own way (traced or scripted) before TorchScript
-    # scripts the whole model; the featomic calculator stays a Python module, so that
+    # scripts the whole model; a featomic calculator stays a Python module, so that
     # metatomic finds the neighbour lists it requests
     compiled = e3nn_compile(copy.deepcopy(model))
-    module = MetatomicEnergy(compiled, cell_gradients=not lode).eval()
+    module = MetatomicEnergy(compiled).eval()
     atomistic = AtomisticModel(module, metadata, capabilities)
     atomistic.save(output, collect_extensions=extensions)
     return atomistic
@@ -289,8 +311,8 @@ def export(
 def cutoffs(model: torch.nn.Module) -> List[float]:
     found = [0.0]
     for module in model.modules():
-        if isinstance(module, featomic.torch.CalculatorModule):
-            found.extend(module.cutoffs)
+        if type(module).__module__.startswith("featomic"):
+            found.extend(getattr(module, "cutoffs", []))
     return found
 
 
@@ -307,15 +329,24 @@ def main():
         help="where to copy the TorchScript extensions the model needs (engines outside "
         "this Python environment load them from there)",
     )
+    parser.add_argument(
+        "--featomic",
+        action="store_true",
+        help="keep featomic's LODE calculator of a run trained with --featomic: refused, "
+        "see the module's docstring (by default such a run is exported on "
+        "rascaline_e3nn's LODE, with the same weights)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
+    if args.featomic:
+        parser.error(FEATOMIC_LODE_MESSAGE)
 
     if args.untrained:
         atom_types = [11, 17]
         model = build_model("lode", atom_types)
         description = (
             "UNTRAINED LODE -> e3nn energy model (random weights, for testing engines): "
-            "featomic LODE spherical expansion, rascaline-e3nn TensorMapToIrreps, e3nn layers"
+            "rascaline-e3nn LodeSphericalExpansion to e3nn irreps, e3nn layers"
         )
         print(f"freshly initialised model, atom types {atom_types}")
     else:
@@ -323,8 +354,8 @@ def main():
         atom_types = list(config["atom_types"])
         description = (
             "LODE -> e3nn energy model trained by rascaline-e3nn's "
-            "examples/train_long_range.py: featomic LODE spherical expansion, "
-            "rascaline-e3nn TensorMapToIrreps, e3nn layers"
+            "examples/train_long_range.py: rascaline-e3nn LodeSphericalExpansion to e3nn "
+            "irreps, e3nn layers"
         )
         print(f"model of {args.run}: {config}")
         system = nacl()
@@ -339,12 +370,11 @@ def main():
     print(f"saved {args.output} (TorchScript extensions in {args.extensions}/)")
     print(
         f"  outputs: energy in {capabilities.outputs['energy'].unit}, {SPHERICAL_OUTPUT} "
-        f"({model.to_irreps.irreps_out}); atomic types {capabilities.atomic_types}, "
+        f"({model.features.irreps_out}); atomic types {capabilities.atomic_types}, "
         f"interaction range {capabilities.interaction_range} {capabilities.length_unit}, "
         f"devices {capabilities.supported_devices}, {capabilities.dtype}"
     )
-    if has_lode(model):
-        print("  stress and virial: NaN, with a warning (LODE has no cell gradients)")
+    print("  forces and stress: exact, by autograd through the energy")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,19 @@
-"""An e3nn energy model on featomic descriptors: LODE (long range) or SOAP (short range).
+"""An e3nn energy model on LODE (long range) or SOAP (short range) descriptors.
 
 ``build_model("lode", [11, 17])`` gives an untrained model of the main example's
 architecture (``examples/train_long_range.py``):
 
-    featomic calculator -> TensorMapToIrreps -> e3nn head -> per-atom energy
-                                                            -> summed per system
+    descriptors -> [n_atoms, irreps] -> e3nn head -> per-atom energy -> summed per system
+
+The descriptors, by ``kind``:
+
+- ``"lode"``: ``rascaline_e3nn.LodeSphericalExpansion`` (PyTorch; featomic's LODE
+  computed with torch operations, on the systems' device, differentiable with respect
+  to positions and cell) straight into an e3nn tensor through its ``to_irreps``, no
+  ``TensorMap`` in between;
+- ``"lode-featomic"``: featomic-torch's ``LodeSphericalExpansion`` (CPU only, no cell
+  gradients) -> ``TensorMapToIrreps``: the same numbers (to ~1e-14), for comparison;
+- ``"soap"``: featomic-torch's ``SphericalExpansion`` -> ``TensorMapToIrreps``.
 
 The e3nn head has two paths, added:
 
@@ -15,10 +24,12 @@ The e3nn head has two paths, added:
   then a ``FullyConnectedTensorProduct`` of its output with itself into scalars, and a
   small MLP: the non-linear part, mixing l > 0 channels into invariants.
 
-``EnergyModel`` is scriptable (``script_model``) and keeps the calculator, the adapter and
-the e3nn layers together, so that a saved model needs neither this package nor this file:
+``EnergyModel`` is scriptable (``script_model``) and keeps the descriptors and the e3nn
+layers together, so that a saved model needs neither this package nor this file:
 ``torch.jit.load("model.pt")(systems)`` returns the energies of a list of
-``metatomic.torch.System`` (float64), in eV.
+``metatomic.torch.System`` (float64), in eV. A ``"lode"`` model loads with torch,
+metatensor-torch and metatomic-torch alone; the two others also need featomic-torch
+imported (its TorchScript classes).
 """
 
 import copy
@@ -27,18 +38,19 @@ import os
 import sys
 from typing import Dict, List, Optional, Tuple
 
-import featomic.torch as featomic
 import torch
 from e3nn import nn as e3nn_nn
 from e3nn import o3
 from e3nn.util.jit import compile as e3nn_compile
-from metatensor.torch import TensorMap
 from metatomic.torch import System
 
-from rascaline_e3nn import TensorMapToIrreps
+from rascaline_e3nn import LodeSphericalExpansion, TensorMapToIrreps
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import first_atoms, sum_per_system  # noqa: E402
+from common import atom_indices, first_atoms, sum_per_system  # noqa: E402
+
+#: the kinds of descriptors ``build_model`` knows
+KINDS = ("lode", "lode-featomic", "soap")
 
 #: default hyper-parameters of the two calculators (featomic's, in Å)
 LODE_DEFAULTS = {
@@ -56,11 +68,13 @@ SOAP_DEFAULTS = {
 
 
 def make_calculator(kind: str, hypers: Dict) -> torch.nn.Module:
-    """The featomic-torch calculator of ``kind`` ("lode" or "soap") with ``hypers``
-    (missing entries take ``LODE_DEFAULTS`` / ``SOAP_DEFAULTS``)."""
-    if kind == "lode":
+    """The calculator of ``kind`` (see ``KINDS``) with ``hypers`` (missing entries take
+    ``LODE_DEFAULTS`` / ``SOAP_DEFAULTS``): ``rascaline_e3nn.LodeSphericalExpansion``
+    for ``"lode"``, featomic-torch's calculators for the two others. The two LODE
+    calculators take the same arguments and give the same values."""
+    if kind in ("lode", "lode-featomic"):
         h = {**LODE_DEFAULTS, **hypers}
-        return featomic.LodeSphericalExpansion(
+        arguments = dict(
             density={"type": "SmearedPowerLaw", "smearing": h["smearing"], "exponent": 1},
             basis={
                 "type": "TensorProduct",
@@ -68,7 +82,14 @@ def make_calculator(kind: str, hypers: Dict) -> torch.nn.Module:
                 "radial": {"type": "Gto", "max_radial": h["max_radial"], "radius": h["radius"]},
             },
         )
+        if kind == "lode":
+            return LodeSphericalExpansion(**arguments)
+        import featomic.torch as featomic
+
+        return featomic.LodeSphericalExpansion(**arguments)
     if kind == "soap":
+        import featomic.torch as featomic
+
         h = {**SOAP_DEFAULTS, **hypers}
         return featomic.SphericalExpansion(
             cutoff={
@@ -82,7 +103,42 @@ def make_calculator(kind: str, hypers: Dict) -> torch.nn.Module:
                 "radial": {"type": "Gto", "max_radial": h["max_radial"]},
             },
         )
-    raise ValueError(f"kind must be 'lode' or 'soap', got {kind!r}")
+    raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+
+
+class DirectFeatures(torch.nn.Module):
+    """Descriptors of every atom as an e3nn tensor, from
+    ``LodeSphericalExpansion.to_irreps`` (no ``TensorMap``): ``forward(systems)`` gives
+    ``(x [n_atoms, irreps_out.dim], system, atom)``, atoms in the order of the systems
+    then of their atoms."""
+
+    def __init__(self, calculator: LodeSphericalExpansion, atom_types: List[int]):
+        super().__init__()
+        self.calculator = calculator
+        self.to_irreps = calculator.to_irreps(atom_types)
+        self.irreps_out = self.to_irreps.irreps_out
+
+    def forward(self, systems: List[System]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        system, atom = atom_indices(systems)
+        return self.to_irreps(systems), system, atom
+
+
+class TensorMapFeatures(torch.nn.Module):
+    """Descriptors as an e3nn tensor from a featomic calculator's ``TensorMap`` through
+    ``TensorMapToIrreps``: ``forward(systems)`` gives ``(x, system, atom)``, one row per
+    sample of the ``TensorMap`` (every atom, for LODE and SOAP)."""
+
+    def __init__(self, calculator: torch.nn.Module, atom_types: List[int]):
+        super().__init__()
+        self.calculator = calculator
+        self.to_irreps = TensorMapToIrreps.from_calculator(calculator, atom_types=atom_types)
+        self.irreps_out = self.to_irreps.irreps_out
+
+    def forward(self, systems: List[System]
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        x, samples = self.to_irreps.forward_with_samples(self.calculator(systems))
+        return x, samples.column("system"), samples.column("atom")
 
 
 class E3nnHead(torch.nn.Module):
@@ -136,8 +192,8 @@ class E3nnHead(torch.nn.Module):
 
 
 class EnergyModel(torch.nn.Module):
-    """Energies (eV) of a list of systems: featomic calculator -> ``TensorMapToIrreps``
-    -> ``E3nnHead`` -> per-atom energies, summed per system.
+    """Energies (eV) of a list of systems: descriptors (``DirectFeatures`` or
+    ``TensorMapFeatures``) -> ``E3nnHead`` -> per-atom energies, summed per system.
 
     The features are whitened by ``feature_transform`` (within each irrep ``mul x ir``,
     a ``mul x mul`` matrix acting on the channels, the same for every m: equivariant),
@@ -148,18 +204,17 @@ class EnergyModel(torch.nn.Module):
     raw features fits the linear part far less precisely than least squares does.
     """
 
-    def __init__(self, calculator: torch.nn.Module, to_irreps: TensorMapToIrreps,
-                 head: torch.nn.Module, atom_types: List[int]):
+    def __init__(self, features: torch.nn.Module, head: torch.nn.Module,
+                 atom_types: List[int]):
         super().__init__()
-        self.calculator = calculator
-        self.to_irreps = to_irreps
+        self.features = features
         self.head = head
         self.atom_types = [int(t) for t in atom_types]
         index = torch.full((max(self.atom_types) + 1,), -1, dtype=torch.long)
         for i, t in enumerate(self.atom_types):
             index[t] = i
         self.register_buffer("species_index", index)
-        dim = to_irreps.irreps_out.dim
+        dim = features.irreps_out.dim
         self.register_buffer("feature_transform", torch.eye(dim, dtype=torch.float64))
         self.register_buffer("energy_scale", torch.ones((), dtype=torch.float64))
         self.register_buffer("energy_shift", torch.zeros((), dtype=torch.float64))
@@ -171,7 +226,7 @@ class EnergyModel(torch.nn.Module):
         data: second moments over atoms and m, regularised by ``1e-8`` of their trace),
         scale the head's output by ``energy_scale`` and shift it by ``energy_shift``
         (eV per atom)."""
-        irreps = self.to_irreps.irreps_out
+        irreps = self.features.irreps_out
         transform = torch.zeros((irreps.dim, irreps.dim), dtype=torch.float64)
         for sl, (mul, ir) in zip(irreps.slices(), irreps):
             seg = x[:, sl].detach().to(torch.float64).reshape(-1, mul, ir.dim)
@@ -191,7 +246,7 @@ class EnergyModel(torch.nn.Module):
                         energies: torch.Tensor) -> None:
         """Least-squares fit of the head's linear path (scalars of each species, with a
         per-species bias) to the energies ``[n_systems]`` of training structures, from
-        the adapter's output ``x`` and the species index and system index of its rows;
+        the descriptors ``x`` and the species index and system index of its rows;
         call after ``set_normalisation``. The e3nn layers then train from there."""
         n_systems, n_species = len(energies), len(self.atom_types)
         n_scalars = self.head.n_scalars
@@ -207,62 +262,59 @@ class EnergyModel(torch.nn.Module):
         solution = solution.reshape(n_species, n_scalars + 1)
         self.head.set_linear(solution[:, :n_scalars].T.contiguous(), solution[:, -1])
 
-    def row_energies(self, features: TensorMap) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-row energies of a featomic ``TensorMap`` (computed beforehand) and the
-        ``system`` and ``atom`` column of each row."""
-        x, samples = self.to_irreps.forward_with_samples(features)
-        species = self.species_index[samples.column("center_type").to(torch.long)]
-        energies = self.energies_from_irreps(x, species)
-        return energies, samples.column("system"), samples.column("atom")
+    def rows(self, systems: List[System]
+             ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The descriptors ``x`` of ``systems`` (``[rows, irreps_out.dim]``) and the
+        species index (position in ``atom_types``), system and atom of each row."""
+        x, system, atom = self.features(systems)
+        system, atom = system.to(torch.long), atom.to(torch.long)
+        types = torch.cat([s.types for s in systems]).to(torch.long)
+        species = self.species_index[types[first_atoms(systems)[system] + atom]]
+        return x, species, system, atom
 
     def energies_from_irreps(self, x: torch.Tensor, species: torch.Tensor) -> torch.Tensor:
-        """Per-row energies from the adapter's output ``x`` and the species index
+        """Per-row energies from the descriptors ``x`` and the species index
         (position in ``atom_types``) of each row."""
         x = x @ self.feature_transform.to(x.dtype)
         energies = self.head(x, species)
         return energies * self.energy_scale.to(x.dtype) + self.energy_shift.to(x.dtype)
 
-    def energies_from_features(self, features: TensorMap, n_systems: int,
-                               system_map: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Energies ``[n_systems]`` from features computed beforehand; ``system_map``
-        maps the features' ``system`` values to 0..n_systems-1 (identity if None)."""
-        energies, system, _ = self.row_energies(features)
-        system = system.to(torch.long)
-        if system_map is not None:
-            system = system_map[system]
-        return sum_per_system(energies, system, n_systems)
-
     @torch.jit.export
     def atomic_energies(self, systems: List[System]) -> torch.Tensor:
         """Per-atom energies ``[total atoms]``, in the order of the systems and, within
         each, of their atoms."""
-        energies, system, atom = self.row_energies(self.calculator(systems))
+        x, species, system, atom = self.rows(systems)
+        energies = self.energies_from_irreps(x, species)
         first = first_atoms(systems)
-        position = first[system.to(torch.long)] + atom.to(torch.long)
-        return sum_per_system(energies, position, int(first[-1]))
+        return sum_per_system(energies, first[system] + atom, int(first[-1]))
 
     def forward(self, systems: List[System]) -> torch.Tensor:
-        energies, system, _ = self.row_energies(self.calculator(systems))
+        x, species, system, _ = self.rows(systems)
+        energies = self.energies_from_irreps(x, species)
         return sum_per_system(energies, system, len(systems))
 
 
 def build_model(kind: str, atom_types: List[int], hypers: Optional[Dict] = None,
                 hidden: int = 16, mul: int = 4) -> EnergyModel:
-    """An untrained ``EnergyModel`` of ``kind`` ("lode" or "soap") for ``atom_types``,
-    in float64 (featomic computes in float64). ``hypers`` override the calculator's
-    defaults (``LODE_DEFAULTS`` / ``SOAP_DEFAULTS``); ``hidden`` and ``mul`` size the
-    e3nn head."""
+    """An untrained ``EnergyModel`` of ``kind`` (``KINDS``: "lode", "lode-featomic" or
+    "soap") for ``atom_types``, in float64 (featomic computes in float64; ours in the
+    systems' dtype). ``hypers`` override the calculator's defaults (``LODE_DEFAULTS`` /
+    ``SOAP_DEFAULTS``); ``hidden`` and ``mul`` size the e3nn head. The two LODE kinds
+    have the same parameters: the weights of one load into the other."""
     atom_types = sorted(int(t) for t in atom_types)
     calculator = make_calculator(kind, hypers or {})
-    to_irreps = TensorMapToIrreps.from_calculator(calculator, atom_types=atom_types)
-    head = E3nnHead(to_irreps.irreps_out, len(atom_types), hidden=hidden, mul=mul)
-    return EnergyModel(calculator, to_irreps, head, atom_types).to(torch.float64)
+    if kind == "lode":
+        features = DirectFeatures(calculator, atom_types)
+    else:
+        features = TensorMapFeatures(calculator, atom_types)
+    head = E3nnHead(features.irreps_out, len(atom_types), hidden=hidden, mul=mul)
+    return EnergyModel(features, head, atom_types).to(torch.float64)
 
 
 def model_config(kind: str, atom_types: List[int], hypers: Optional[Dict] = None,
                  hidden: int = 16, mul: int = 4) -> Dict:
     """The arguments of ``build_model`` as a JSON-able dict (``model_config.json``)."""
-    defaults = LODE_DEFAULTS if kind == "lode" else SOAP_DEFAULTS
+    defaults = SOAP_DEFAULTS if kind == "soap" else LODE_DEFAULTS
     return {
         "kind": kind,
         "atom_types": sorted(int(t) for t in atom_types),

@@ -4,20 +4,26 @@ Generates periodic boxes of Na+ / Cl- point charges (seeded, charge-neutral, var
 box sizes and compositions, a minimum distance between ions; as in Grisafi &
 Ceriotti, J. Chem. Phys. 151, 204105, 2019), computes their Ewald electrostatic energy
 (eV) and forces with torch-pme, and trains the same e3nn model (``lode_model.py``) on
-two featomic descriptors:
+two descriptors:
 
-- ``LodeSphericalExpansion`` (exponent 1: a smeared 1/r potential, long range),
-- ``SphericalExpansion`` (a Gaussian density within a cutoff, short range: the baseline).
+- LODE (exponent 1: a smeared 1/r potential, long range), from
+  ``rascaline_e3nn.LodeSphericalExpansion`` straight into an e3nn tensor
+  (``calculator.to_irreps``); ``--featomic`` uses featomic-torch's
+  ``LodeSphericalExpansion`` and ``TensorMapToIrreps`` instead (the same numbers,
+  slower, CPU only);
+- featomic's ``SphericalExpansion`` (a Gaussian density within a cutoff, short range:
+  the baseline) through ``TensorMapToIrreps``.
 
-featomic computes the descriptors once (energy-only training: they do not change),
-``TensorMapToIrreps`` converts each batch on the training device, and the e3nn layers
-predict per-atom energies, summed per structure. ``--forces`` adds a force term to the
-loss (descriptors recomputed with gradients at every step). On held-out structures it
-reports energy errors of both models and the force error of the LODE model (forces by
-autograd), writes ``metrics.json``, ``learning_curve.png``, the trained LODE model as one
-TorchScript file ``model.pt`` (with ``model_config.json``), and checks in a fresh process
-that the saved model gives the same energies, an invariant energy and equivariant
-forces under a random rotation.
+The descriptors of every structure are computed once (energy-only training: they do
+not change), and the e3nn layers predict per-atom energies from batches of them,
+summed per structure. ``--forces`` adds a force term to the loss (descriptors
+recomputed with gradients at every step, the force loss differentiated through
+them). On held-out structures it reports energy errors of both models and their force
+errors (forces by autograd), writes ``metrics.json``, ``learning_curve.png``, the
+trained LODE model as one TorchScript file ``model.pt`` (with ``model_config.json``),
+and checks in a fresh process (torch, metatensor and metatomic only; featomic too with
+``--featomic``) that the saved model gives the same energies, an invariant energy and
+equivariant forces under a random rotation.
 
 Run with ``python examples/train_long_range.py`` (a few minutes on 2 CPU cores), or on
 several processes with ``torchrun --nproc_per_node 2 examples/train_long_range.py
@@ -37,7 +43,6 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from metatensor.torch import Labels, TensorBlock, TensorMap  # noqa: E402
 from metatomic.torch import System  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
@@ -136,51 +141,36 @@ def make_dataset(n_structures: int, seed: int, min_pairs: int = 4, max_pairs: in
 
 
 class FeatureCache:
-    """featomic descriptors of every structure, computed once and kept as plain tensors
-    per key, and batches of them as one TensorMap (``system`` renumbered to the position
-    in the batch)."""
+    """The descriptors of every structure (the model's ``rows``: e3nn tensors and the
+    species index of each atom), computed once and kept as plain tensors, and batches
+    of them (rows concatenated, with each row's position in the batch)."""
 
-    def __init__(self, calculator, systems: List[System], desc: str, progress: bool):
-        self.keys: Optional[Labels] = None
-        self.values: List[List[torch.Tensor]] = []  # [structure][key]
-        self.atoms: List[List[torch.Tensor]] = []
+    def __init__(self, model, systems: List[System], desc: str, progress: bool):
+        self.x: List[torch.Tensor] = []
+        self.species: List[torch.Tensor] = []
         start = time.perf_counter()
         with torch.no_grad():
             for system in tqdm(systems, desc=desc, disable=not progress, leave=False):
-                tensor = calculator([system])
-                if self.keys is None:
-                    self.keys = tensor.keys
-                    first = [tensor.block(i) for i in range(len(tensor.keys))]
-                    self.sample_names = first[0].samples.names
-                    self.components = [b.components for b in first]
-                    self.properties = [b.properties for b in first]
-                elif tensor.keys != self.keys:
-                    raise ValueError(f"{desc}: a structure gave other keys: {tensor.keys}")
-                blocks = [tensor.block(i) for i in range(len(tensor.keys))]
-                self.values.append([b.values for b in blocks])
-                self.atoms.append([b.samples.column("atom") for b in blocks])
+                x, species, _, atom = model.rows([system])
+                if not torch.equal(atom, torch.arange(len(system))):
+                    raise ValueError(f"{desc}: rows other than the atoms in order")
+                self.x.append(x)
+                self.species.append(species)
         self.seconds = time.perf_counter() - start
 
-    def batch(self, indices: List[int], device: torch.device) -> TensorMap:
-        blocks = []
-        for k in range(len(self.keys)):
-            atoms = [self.atoms[i][k] for i in indices]
-            counts = torch.tensor([len(a) for a in atoms])
-            system = torch.repeat_interleave(
-                torch.arange(len(indices), dtype=torch.int32), counts)
-            samples = torch.stack([system, torch.cat(atoms)], dim=1)
-            blocks.append(TensorBlock(
-                values=torch.cat([self.values[i][k] for i in indices]).to(device),
-                samples=Labels(self.sample_names, samples).to(device),
-                components=[c.to(device) for c in self.components[k]],
-                properties=self.properties[k].to(device),
-            ))
-        return TensorMap(self.keys.to(device), blocks)
+    def batch(self, indices: List[int], device: torch.device
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x``, species index and system (0..len(indices)-1) of every row."""
+        counts = torch.tensor([len(self.x[i]) for i in indices])
+        system = torch.repeat_interleave(torch.arange(len(indices)), counts)
+        x = torch.cat([self.x[i] for i in indices])
+        species = torch.cat([self.species[i] for i in indices])
+        return x.to(device), species.to(device), system.to(device)
 
 
 class Head(torch.nn.Module):
-    """The trainable part of an ``EnergyModel``: energies of a batch from the adapter's
-    output (pure tensors, so that DistributedDataParallel can wrap it)."""
+    """The trainable part of an ``EnergyModel``: energies of a batch from its
+    descriptors (pure tensors, so that DistributedDataParallel can wrap it)."""
 
     def __init__(self, model):
         super().__init__()
@@ -194,8 +184,7 @@ class Head(torch.nn.Module):
 
 class Timer:
     def __init__(self):
-        self.seconds: Dict[str, float] = {"featomic": 0.0, "batching": 0.0, "adapter": 0.0,
-                                          "e3nn": 0.0}
+        self.seconds: Dict[str, float] = {"descriptors": 0.0, "batching": 0.0, "e3nn": 0.0}
 
     def add(self, name: str, start: float, device: torch.device) -> float:
         if device.type == "cuda":
@@ -208,13 +197,10 @@ class Timer:
 # ------------------------------------------------------------------------ training
 
 
-def energies_from_features(head, model, features: TensorMap, n_systems: int,
-                           device: torch.device, timer: Timer) -> torch.Tensor:
+def energies_from_cache(head, batch: Tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                        n_systems: int, device: torch.device, timer: Timer) -> torch.Tensor:
     start = time.perf_counter()
-    x, samples = model.to_irreps.forward_with_samples(features)
-    species = model.species_index[samples.column("center_type").to(torch.long)]
-    system = samples.column("system").to(torch.long)
-    start = timer.add("adapter", start, device)
+    x, species, system = batch
     energies = head(x, species, system, n_systems)
     timer.add("e3nn", start, device)
     return energies
@@ -225,12 +211,8 @@ def energies_and_forces(head, model, systems: List[System], device: torch.device
     """Energies and forces (autograd) of ``systems``, descriptors recomputed."""
     batch, positions = with_grad_positions(systems, device)
     start = time.perf_counter()
-    features = model.calculator(batch)
-    start = timer.add("featomic", start, device)
-    x, samples = model.to_irreps.forward_with_samples(features)
-    species = model.species_index[samples.column("center_type").to(torch.long)]
-    system = samples.column("system").to(torch.long)
-    start = timer.add("adapter", start, device)
+    x, species, system, _ = model.rows(batch)
+    start = timer.add("descriptors", start, device)
     energies = head(x, species, system, len(systems))
     gradients = torch.autograd.grad(energies.sum(), positions, create_graph=create_graph)
     timer.add("e3nn", start, device)
@@ -241,12 +223,9 @@ def set_normalisation(model, cache: FeatureCache, indices: List[int],
                       energies: torch.Tensor, n_atoms: torch.Tensor):
     """Whitening of the features, energy scale and shift from the training set, then
     the least-squares fit of the linear path (``lode_model.EnergyModel``)."""
-    features = cache.batch(indices, torch.device("cpu"))
-    x, samples = model.to_irreps.forward_with_samples(features)
+    x, species, system = cache.batch(indices, torch.device("cpu"))
     per_atom = energies[indices] / n_atoms[indices]
     model.set_normalisation(x, float(per_atom.std()), float(per_atom.mean()))
-    species = model.species_index[samples.column("center_type").to(torch.long)]
-    system = samples.column("system").to(torch.long)
     model.fit_linear_path(x, species, system, energies[indices])
 
 
@@ -285,14 +264,15 @@ def train_one(kind: str, args, systems, energies, forces, train_idx, test_idx,
     """Train one model; returns the model, its history and metrics."""
     torch.manual_seed(args.seed)  # same initial weights on every rank
     hypers = {}
+    if kind == "lode" and args.featomic:
+        kind = "lode-featomic"
     model = build_model(kind, [NA, CL], hypers=hypers, hidden=args.hidden)
     config = model_config(kind, [NA, CL], hypers=hypers, hidden=args.hidden)
     timer = Timer()
     n_atoms = torch.tensor([len(s) for s in systems], dtype=torch.float64)
 
-    cache = FeatureCache(model.calculator, systems, f"{kind.upper()} descriptors (featomic)",
-                         progress)
-    timer.seconds["featomic"] += cache.seconds
+    cache = FeatureCache(model, systems, f"{kind.upper()} descriptors", progress)
+    timer.seconds["descriptors"] += cache.seconds
     set_normalisation(model, cache, train_idx, energies, n_atoms)
     model = model.to(device)
 
@@ -309,19 +289,18 @@ def train_one(kind: str, args, systems, energies, forces, train_idx, test_idx,
     n_atoms_d = n_atoms.to(device)
     scale = model.energy_scale.item()
 
-    def fixed_batches(indices: List[int]) -> List[Tuple[List[int], TensorMap]]:
+    def fixed_batches(indices: List[int]) -> List[Tuple[List[int], Tuple]]:
         """Evaluation batches, assembled once on the device."""
         chunks = [indices[b:b + args.batch_size]
                   for b in range(0, len(indices), args.batch_size)]
         return [(chunk, cache.batch(chunk, device)) for chunk in chunks]
 
-    def evaluate(batches: List[Tuple[List[int], TensorMap]]) -> Tuple[float, float]:
+    def evaluate(batches: List[Tuple[List[int], Tuple]]) -> Tuple[float, float]:
         """Sum of absolute energy errors and count, over this rank's share."""
         total, count = 0.0, 0
         with torch.no_grad():
             for chunk, features in batches:
-                pred = energies_from_features(head, model, features, len(chunk), device,
-                                              timer)
+                pred = energies_from_cache(head, features, len(chunk), device, timer)
                 total += float((pred - energies_d[chunk]).abs().sum())
                 count += len(chunk)
         return total, count
@@ -363,7 +342,7 @@ def train_one(kind: str, args, systems, energies, forces, train_idx, test_idx,
                 start = time.perf_counter()
                 features = cache.batch(chunk, device)
                 timer.add("batching", start, device)
-                pred = energies_from_features(head, model, features, len(chunk), device, timer)
+                pred = energies_from_cache(head, features, len(chunk), device, timer)
             start = time.perf_counter()
             loss = (((pred - energies_d[chunk]) / n_atoms_d[chunk] / scale) ** 2).mean()
             if args.forces:
@@ -373,6 +352,7 @@ def train_one(kind: str, args, systems, energies, forces, train_idx, test_idx,
             with warnings.catch_warnings():
                 # the weights' gradient of a force loss needs the features' first
                 # derivatives only; featomic warns that it drops the second ones
+                # (rascaline_e3nn's LODE has them)
                 warnings.filterwarnings("ignore", message="second derivatives with respect")
                 loss.backward()
             optimizer.step()
@@ -429,7 +409,9 @@ def identical_across_ranks(model, dist: Distributed, device) -> float:
 CHECK_SCRIPT = r"""
 import json, sys
 import torch
-import featomic.torch, metatomic.torch  # registers the TorchScript classes and operators
+import metatensor.torch, metatomic.torch  # registers the TorchScript classes and operators
+if sys.argv[3] == "featomic":
+    import featomic.torch
 from metatomic.torch import System
 
 model = torch.jit.load(sys.argv[1])
@@ -449,6 +431,7 @@ e_rot = model([System(types=s.types, positions=rotated_positions, cell=s.cell @ 
 (f,) = torch.autograd.grad(-e.sum(), positions)
 (f_rot,) = torch.autograd.grad(-e_rot.sum(), rotated_positions)
 assert "rascaline_e3nn" not in sys.modules and "e3nn" not in sys.modules
+assert sys.argv[3] == "featomic" or "featomic" not in sys.modules
 json.dump({
     "energies": energies.tolist(),
     "rotation_energy_error": float((e_rot - e).abs().max()),
@@ -458,10 +441,12 @@ json.dump({
 """
 
 
-def check_saved_model(path: str, model, systems: List[System], directory: str) -> Dict:
-    """Reload ``model.pt`` in a fresh Python process (importing only torch, featomic
-    and metatomic) and compare its energies with the trained model's; rotate the
-    first structure and check the energy's invariance and the forces' equivariance."""
+def check_saved_model(path: str, model, systems: List[System], directory: str,
+                      featomic: bool = False) -> Dict:
+    """Reload ``model.pt`` in a fresh Python process (importing only torch,
+    metatensor and metatomic, and featomic if ``featomic``) and compare its energies
+    with the trained model's; rotate the first structure and check the energy's
+    invariance and the forces' equivariance."""
     from e3nn import o3
 
     data = {
@@ -472,7 +457,8 @@ def check_saved_model(path: str, model, systems: List[System], directory: str) -
     data_path = os.path.join(directory, "check_systems.pt")
     torch.save(data, data_path)
     try:
-        result = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, path, data_path],
+        result = subprocess.run([sys.executable, "-c", CHECK_SCRIPT, path, data_path,
+                                 "featomic" if featomic else "-"],
                                 capture_output=True, text=True, check=False)
     finally:
         os.remove(data_path)
@@ -529,6 +515,9 @@ def parse_args(argv=None):
     parser.add_argument("--forces", action="store_true",
                         help="add a force term to the loss (descriptors recomputed)")
     parser.add_argument("--force-weight", type=float, default=1.0)
+    parser.add_argument("--featomic", action="store_true",
+                        help="featomic-torch's LodeSphericalExpansion instead of "
+                        "rascaline_e3nn's (same values; for comparison)")
     parser.add_argument("--distributed", action="store_true",
                         help="DistributedDataParallel under torchrun")
     parser.add_argument("--no-check", action="store_true",
@@ -536,7 +525,8 @@ def parse_args(argv=None):
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     parser.add_argument("--threads", type=int, default=1,
                         help="PyTorch threads (the e3nn layers work on small batches, "
-                        "where more threads mostly wait; featomic has its own pool)")
+                        "where more threads mostly wait; rascaline_e3nn's LODE runs on these too, "
+                        "featomic has its own pool)")
     return parser.parse_args(argv)
 
 
@@ -551,7 +541,7 @@ def main(argv=None) -> Dict:
 
 def run(args) -> Dict:
     start_time = time.perf_counter()
-    # e3nn builds its Wigner matrices in the default dtype; featomic computes in float64
+    # e3nn builds its Wigner matrices in the default dtype; the descriptors are float64
     torch.set_default_dtype(torch.float64)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -596,9 +586,10 @@ def run(args) -> Dict:
         "energy_min": float(energies.min()),
         "energy_max": float(energies.max()),
         "energy_mean_absolute_deviation": spread_of(energies),
-        "seconds_featomic": lode["seconds"]["featomic"] + soap["seconds"]["featomic"],
+        "lode_implementation": "featomic" if args.featomic else "rascaline_e3nn",
+        "seconds_lode_descriptors": lode["seconds"]["descriptors"],
+        "seconds_soap_descriptors": soap["seconds"]["descriptors"],
         "seconds_batching": lode["seconds"]["batching"] + soap["seconds"]["batching"],
-        "seconds_adapters": lode["seconds"]["adapter"] + soap["seconds"]["adapter"],
         "seconds_e3nn": lode["seconds"]["e3nn"] + soap["seconds"]["e3nn"],
         "seconds_by_model": {"lode": lode["seconds"], "soap": soap["seconds"]},
         "epochs": args.epochs,
@@ -614,7 +605,8 @@ def run(args) -> Dict:
              len(test_idx))
         if not args.no_check:
             check = check_saved_model(os.path.join(args.output, "model.pt"), lode_model,
-                                      [systems[i] for i in test_idx[:4]], args.output)
+                                      [systems[i] for i in test_idx[:4]], args.output,
+                                      featomic=args.featomic)
             metrics["reloaded_model"] = check
             assert check["energy_difference"] < 1e-10, check
             assert check["rotation_energy_error"] < 1e-8, check
@@ -642,9 +634,13 @@ def summary(m: Dict, output: str):
           f"({100 * m['soap_test_energy_relative_mae']:.2f} %), force MAE "
           f"{m['soap_test_force_mae']:.4f} eV/Å")
     print(f"  LODE / SOAP energy error: {m['lode_over_soap_energy_mae']:.3f}")
-    print(f"time: featomic {m['seconds_featomic']:.1f} s, batching the cached descriptors "
-          f"{m['seconds_batching']:.1f} s, adapters {m['seconds_adapters']:.1f} s, e3nn layers "
-          f"{m['seconds_e3nn']:.1f} s (with the optimiser), total {m['seconds_total']:.0f} s")
+    lode_name = ("featomic's LODE" if m["lode_implementation"] == "featomic"
+                 else "LODE (rascaline_e3nn)")
+    print(f"time: {lode_name} {m['seconds_lode_descriptors']:.1f} s, SOAP (featomic) "
+          f"{m['seconds_soap_descriptors']:.1f} s, batching the cached descriptors "
+          f"{m['seconds_batching']:.1f} s, e3nn layers {m['seconds_e3nn']:.1f} s (with "
+          + ("the backward pass of the force loss and " if m["forces_in_loss"] else "")
+          + f"the optimiser), total {m['seconds_total']:.0f} s")
     if "reloaded_model" in m:
         r = m["reloaded_model"]
         print(f"model.pt reloaded in a fresh process: energies within "

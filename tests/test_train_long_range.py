@@ -78,7 +78,7 @@ def _random_system(seed):
     return train_long_range.random_box(generator, 3, 0.03, 2.0)
 
 
-@pytest.mark.parametrize("kind", ["lode", "soap"])
+@pytest.mark.parametrize("kind", ["lode", "lode-featomic", "soap"])
 def test_model_contract(kind, float64_default):
     model = lode_model.build_model(kind, [11, 17])
     # a non-zero non-linear path, so that the test sees the e3nn layers
@@ -90,8 +90,9 @@ def test_model_contract(kind, float64_default):
     assert torch.allclose(atomic.split([6, 6])[0].sum(), energies[0], atol=1e-12)
     assert torch.allclose(atomic.split([6, 6])[1].sum(), energies[1], atol=1e-12)
     # from descriptors computed beforehand (the training path)
-    features = model.calculator(systems)
-    assert torch.allclose(model.energies_from_features(features, 2), energies, atol=1e-12)
+    x, species, system, _ = model.rows(systems)
+    from_rows = torch.zeros(2).index_add(0, system, model.energies_from_irreps(x, species))
+    assert torch.allclose(from_rows, energies, atol=1e-12)
     # atoms in their order: swapping two atoms of a system swaps their energies
     s = systems[0]
     order = torch.tensor([1, 0, 2, 3, 4, 5])
@@ -108,6 +109,25 @@ def test_model_contract(kind, float64_default):
     assert torch.allclose(model([rotated]), energies[:1], atol=1e-10)
 
 
+def test_lode_kinds_agree_and_share_weights(float64_default):
+    """rascaline_e3nn's LODE (direct to irreps) and featomic's (through a TensorMap)
+    give the same rows, and a model of one kind runs with the weights of the other."""
+    torch.manual_seed(0)
+    ours = lode_model.build_model("lode", [11, 17])
+    torch.nn.init.normal_(ours.head.mlp[-1].weight)
+    theirs = lode_model.build_model("lode-featomic", [11, 17])
+    missing, _ = theirs.load_state_dict(ours.state_dict(), strict=False)
+    # only the descriptors' own tables differ: head and normalisation are shared
+    assert all(name.startswith("features.") for name in missing)
+    systems = [_random_system(2), _random_system(3)]
+    x, species, system, atom = ours.rows(systems)
+    x_ref, species_ref, system_ref, atom_ref = theirs.rows(systems)
+    torch.testing.assert_close(x, x_ref, rtol=0, atol=1e-12)
+    for a, b in [(species, species_ref), (system, system_ref), (atom, atom_ref)]:
+        assert torch.equal(a, b)
+    torch.testing.assert_close(ours(systems), theirs(systems), rtol=0, atol=1e-12)
+
+
 def test_example_tiny_run(tmp_path, float64_default):
     output = tmp_path / "run"
     metrics = train_long_range.main([
@@ -119,8 +139,9 @@ def test_example_tiny_run(tmp_path, float64_default):
     written = json.loads((output / "metrics.json").read_text())
     assert written["n_structures"] == 8 and written["n_train"] + written["n_test"] == 8
     assert written["n_atoms"] == metrics["n_atoms"]
+    assert written["lode_implementation"] == "rascaline_e3nn"
     for key in ("lode_test_energy_mae", "soap_test_energy_mae", "lode_test_force_mae",
-                "seconds_featomic", "seconds_adapters", "seconds_e3nn"):
+                "seconds_lode_descriptors", "seconds_soap_descriptors", "seconds_e3nn"):
         assert math.isfinite(written[key]) and written[key] >= 0, key
     assert len(written["history"]["lode"]["test"]) == 3  # epoch 0, then 2 epochs
     # the fresh process's checks (main asserts them too)
@@ -146,6 +167,20 @@ def test_example_force_training_tiny_run(tmp_path, float64_default):
         "--output", str(tmp_path), "--quiet", "--no-check",
     ])
     assert metrics["forces_in_loss"] and math.isfinite(metrics["lode_test_force_mae"])
+    # the force loss moved the weights
+    assert metrics["history"]["lode"]["train"][1] != metrics["history"]["lode"]["train"][0]
+
+
+def test_example_featomic_tiny_run(tmp_path, float64_default):
+    """--featomic: featomic's LODE, the saved model reloaded with featomic imported."""
+    metrics = train_long_range.main([
+        "--n-structures", "6", "--epochs", "1", "--batch-size", "3", "--featomic",
+        "--output", str(tmp_path), "--quiet",
+    ])
+    assert metrics["lode_implementation"] == "featomic"
+    assert metrics["reloaded_model"]["energy_difference"] < 1e-10
+    config = json.loads((tmp_path / "model_config.json").read_text())
+    assert config["kind"] == "lode-featomic"
 
 
 def test_distributed_tiny_run_keeps_ranks_identical(tmp_path):
