@@ -40,3 +40,14 @@ def test_readme_links_lead_to_files():
     assert links
     for link in links:
         assert (ROOT / link).exists(), link
+
+
+def test_readme_lode_section_runs():
+    text = README.read_text()
+    code = re.search(r"## LODE in PyTorch\n\n```python\n(.*?)```", text, re.S).group(1)
+    namespace = {"systems": [water_sodium()]}
+    exec(compile(code, str(README), "exec"), namespace)
+    x, descriptor = namespace["x"], namespace["descriptor"]
+    assert x.shape == (7, 12 * 25) and x.dtype == torch.float64
+    assert str(namespace["calculator"].to_irreps([1, 8, 11]).irreps_out).startswith("12x0e+")
+    assert len(descriptor.keys) > 0
