@@ -9,7 +9,8 @@ gradients are a dense (atom, atom) array summed over every k-vector), so its for
 + backward is timed up to ``--featomic-backward-max`` atoms only; its forward up to
 ``--featomic-max``. The peak memory of this module's forward and forward + backward,
 default and ``low_memory=True``, is the growth of a fresh process's peak resident set
-(Linux's ``VmHWM``, reset before the call) over its resident set before the call. ``--plot`` draws time against atoms, log-log.
+(Linux's ``VmHWM``, reset before the call) over its resident set before the call, with
+glibc's default malloc and with a fixed mmap threshold (the live tensors' peak). ``--plot`` draws time against atoms, log-log.
 
     python benchmarks/bench_lode.py --plot docs/lode_scaling.png
     python benchmarks/bench_lode.py --sides 4 6 --memory-sides 4   # a quick look
@@ -116,12 +117,22 @@ print((status("VmHWM:") - before) / 1024)
 """
 
 
-def peak_memory_mb(side: int, backward: bool, low_memory: bool, threads: int) -> float:
+def peak_memory_mb(side: int, backward: bool, low_memory: bool, threads: int,
+                   fixed_mmap_threshold: bool = False) -> float:
+    """Peak memory of one call in a fresh process. glibc's malloc raises its mmap
+    threshold as large blocks are freed, after which freed chunks stay in the heap, so
+    the resident set can stay above what the live tensors need;
+    ``fixed_mmap_threshold`` (``MALLOC_MMAP_THRESHOLD_=65536``) gives large blocks back
+    to the system when freed, so that the peak is that of the live tensors."""
     code = MEMORY_CHILD.format(
         here=os.path.dirname(os.path.abspath(__file__)), side=side, backward=backward,
         low_memory=low_memory, threads=threads,
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    env = dict(os.environ)
+    if fixed_mmap_threshold:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, env=env)
     return float(result.stdout.strip().splitlines()[-1])
 
 
@@ -192,18 +203,24 @@ def main():
 
     memory = []
     if args.memory_sides:
-        print("\npeak memory of this module (peak resident set over the one before the call, MB):")
-        print(f"{'atoms':>6} | {'forward':>8} {'fwd+bwd':>8} | {'low_memory fwd+bwd':>18}")
+        print("\npeak memory of this module (peak resident set over the one before the call, MB;")
+        print("glibc's default malloc | with MALLOC_MMAP_THRESHOLD_=65536, the live tensors):")
+        print(f"{'atoms':>6} | {'forward':>15} | {'fwd+bwd':>15} | {'low_memory fwd+bwd':>18}")
         for side in args.memory_sides:
-            entry = {
-                "atoms": side ** 3,
-                "forward": peak_memory_mb(side, False, False, args.threads),
-                "forward_backward": peak_memory_mb(side, True, False, args.threads),
-                "low_memory_forward_backward": peak_memory_mb(side, True, True, args.threads),
-            }
+            entry = {"atoms": side ** 3}
+            for name, backward, low in [("forward", False, False),
+                                        ("forward_backward", True, False),
+                                        ("low_memory_forward_backward", True, True)]:
+                for fixed in [False, True]:
+                    key = name + ("_fixed_mmap_threshold" if fixed else "")
+                    entry[key] = peak_memory_mb(side, backward, low, args.threads, fixed)
             memory.append(entry)
-            print(f"{entry['atoms']:6d} | {entry['forward']:8.0f} {entry['forward_backward']:8.0f} | "
-                  f"{entry['low_memory_forward_backward']:18.0f}", flush=True)
+
+            def pair(name):
+                return f"{entry[name]:6.0f} | {entry[name + '_fixed_mmap_threshold']:6.0f}"
+
+            print(f"{entry['atoms']:6d} | {pair('forward'):>15} | {pair('forward_backward'):>15} | "
+                  f"{pair('low_memory_forward_backward'):>18}", flush=True)
 
     if args.json:
         with open(args.json, "w") as file:
