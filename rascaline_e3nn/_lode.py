@@ -553,9 +553,9 @@ class LodeSphericalExpansion(torch.nn.Module):
                     f"this calculator (o3_sigma=1, o3_lambda <= {self.max_angular})"
                 )
             name = f"{center},{neighbor}"
+            b = torch.nonzero(batch_types == neighbor).reshape(-1)
             if name not in samples_by_pair:
                 with_neighbor = torch.zeros(len(sizes), dtype=torch.bool)
-                b = torch.nonzero(batch_types == neighbor).reshape(-1)
                 if b.numel() > 0:
                     with_neighbor = present[:, int(b[0])]
                 keep = (types_host == center) & with_neighbor[system_host] & sample_mask
@@ -563,12 +563,11 @@ class LodeSphericalExpansion(torch.nn.Module):
                 samples = Labels(
                     ["system", "atom"],
                     torch.stack([system_host[rows], atom_host[rows]], 1).to(torch.int32),
-                )
-                samples_by_pair[name] = (samples, rows)
+                ).to(device)
+                samples_by_pair[name] = (samples, rows.to(device))
             samples, rows = samples_by_pair[name]
-            b = torch.nonzero(batch_types == neighbor).reshape(-1)
             if rows.numel() > 0 and b.numel() > 0:
-                values = dense[l][rows.to(device), int(b[0])]
+                values = dense[l][rows, int(b[0])]
             else:
                 values = torch.zeros(
                     (rows.shape[0], 2 * l + 1, self.n_radial), dtype=dtype, device=device
@@ -580,7 +579,7 @@ class LodeSphericalExpansion(torch.nn.Module):
             blocks.append(
                 TensorBlock(
                     values=values,
-                    samples=samples.to(device),
+                    samples=samples,
                     components=[
                         Labels(
                             ["o3_mu"],
